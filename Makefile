@@ -1,0 +1,31 @@
+# `make test` and `make quickstart` each set up .venv on a fresh machine first.
+# torch is pinned here (not in pyproject, which keeps a range) so that pip takes the CPU build on disk
+# instead of downloading a multi-GB CUDA build; on a GPU machine, install the CUDA build you want first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test quickstart bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	echo "$(TORCH)" > $(VENV)/torch-pin.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt -e '.[test]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+quickstart: setup
+	$(BIN)/sae-scaling demo
+
+bench: setup
+	$(BIN)/python bench/train_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

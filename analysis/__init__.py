@@ -1,0 +1,1 @@
+"""Loading results, scaling-law fits, frontiers, figures, reports."""

@@ -1,0 +1,1 @@
+"""Sweeps: YAML spec, planning, Ray scheduling, Parquet results store, CLI."""

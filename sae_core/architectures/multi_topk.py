@@ -1,0 +1,46 @@
+"""Multi-TopK (Gao et al. 2024, 5.3.1): L(k) + L(multi_k_factor * k) * multi_coeff, default L(k) + L(4k)/8.
+
+One forward selects the top 4k latents; the top k are its prefix, so both codes come from one top-k.
+Training this way makes the code progressive: TopK(k') at test time keeps improving past k.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from sae_core.architectures.base import SparseCode, StepContext, fvu_loss, register
+from sae_core.architectures.topk import TopK, TopKConfig
+
+
+class MultiTopKConfig(TopKConfig):
+    arch: Literal["multi_topk"] = "multi_topk"  # type: ignore[assignment]
+    multi_k_factor: int = Field(4, ge=2, validate_default=True)
+    multi_coeff: float = Field(1 / 8, ge=0, allow_inf_nan=False)
+
+    @field_validator("multi_k_factor")
+    @classmethod
+    def _large_k_fits(cls, factor: int, info: ValidationInfo) -> int:
+        k, n = info.data.get("k"), info.data.get("n_latents")
+        if k is not None and n is not None and k * factor > n:
+            raise ValueError(f"k * multi_k_factor = {k * factor} must be <= n_latents ({n}); "
+                             f"allowed: multi_k_factor <= {n // k}")
+        return factor
+
+    @property
+    def encode_k(self) -> int:
+        return self.k * self.multi_k_factor
+
+
+@register
+class MultiTopK(TopK):
+    name = "multi_topk"
+    Config = MultiTopKConfig
+
+    def reconstruction_loss(self, x, code: SparseCode, ctx: StepContext, terms: dict):
+        k = self.cfg.k
+        x_hat = self.decode(SparseCode(code.idx[:, :k], code.vals[:, :k]))
+        main = fvu_loss(x, x_hat, ctx.mse_scale)
+        wide = fvu_loss(x, self.decode(code), ctx.mse_scale)
+        terms["mse_loss"], terms["multi_mse_loss"] = main.detach(), wide.detach()
+        return main + self.cfg.multi_coeff * wide, x_hat, [k, code.idx.shape[1]]

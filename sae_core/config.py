@@ -1,0 +1,74 @@
+"""Trainer settings: every switch of the Gao et al. (2024) recipe, with the paper's defaults."""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sae_core.errors import ConfigError, format_pydantic_error
+
+Finite = dict(allow_inf_nan=False)
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train_tokens: int = Field(ge=1)  # activation vectors seen (one per token and layer)
+    batch_size: int = Field(4096, ge=1)
+    lr: float | Literal["auto"] = "auto"  # auto = 2e-4 / sqrt(n_latents / 2^14)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(6.25e-10, gt=0, **Finite)
+    lr_warmup_frac: float = Field(0.0, ge=0, le=1)  # linear warm-up over this fraction of steps
+    lr_decay_frac: float = Field(0.0, ge=0, le=1)  # linear decay to 0 over the last fraction
+    b_pre_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    init_samples: int = Field(32768, ge=1)  # vectors for b_pre and the MSE normalisation constant
+    tied_init: bool = True  # W_enc = W_dec^T at init
+    decoder_unit_norm: bool = True  # unit-norm decoder rows + parallel-gradient removal every step
+    dead_window_tokens: int = Field(10_000_000, ge=1)  # a latent is dead after this many tokens unfired
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0, **Finite)
+    autocast: Literal["none", "bf16", "fp16"] = "none"
+    device: str = "auto"  # auto: cuda if available, else cpu
+    seed: int = 0
+    curve_points_per_decade: int = Field(5, ge=1)
+    curve_eval_tokens: int = Field(4096, ge=1)  # held-out vectors evaluated at each curve point
+    eval_batch_size: int = Field(4096, ge=1)
+    checkpoint_every_tokens: int | None = Field(None, ge=1)  # None: 10 checkpoints per run
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive_finite(cls, v):
+        if v != "auto" and not (math.isfinite(v) and v > 0):
+            raise ValueError("must be a finite number > 0 or 'auto'")
+        return v
+
+    @field_validator("lr_decay_frac")
+    @classmethod
+    def _schedule_fits(cls, v, info):
+        if v + info.data.get("lr_warmup_frac", 0.0) > 1:
+            raise ValueError("lr_warmup_frac + lr_decay_frac must be <= 1")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, v):
+        if v != "auto" and not (v == "cpu" or v == "cuda" or v.startswith("cuda:")):
+            raise ValueError("allowed: auto, cpu, cuda, cuda:N")
+        return v
+
+    def resolved_lr(self, n_latents: int) -> float:
+        return 2e-4 / math.sqrt(n_latents / 2**14) if self.lr == "auto" else float(self.lr)
+
+    def steps(self) -> int:
+        return math.ceil(self.train_tokens / self.batch_size)
+
+
+def parse_train_config(data: dict | TrainConfig, source: str = "config", prefix: str = "train") -> TrainConfig:
+    if isinstance(data, TrainConfig):
+        return data
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_pydantic_error(err, source, prefix)) from None

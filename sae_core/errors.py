@@ -1,0 +1,29 @@
+"""User-facing errors: each carries one message that names the file, the key and what is allowed.
+
+The CLI prints the message alone (no traceback) and exits non-zero, so the message must stand on its own.
+"""
+from __future__ import annotations
+
+
+class SAEScalingError(Exception):
+    """Base of every error caused by the user's input rather than by a bug."""
+
+
+class ConfigError(SAEScalingError):
+    """A config value is missing, of the wrong type or out of range."""
+
+
+class DataError(SAEScalingError):
+    """An activation file, model or corpus is missing or malformed."""
+
+
+def format_pydantic_error(err, source: str = "config", prefix: str = "") -> str:
+    """One line per problem: `source: key.path: what is wrong (got X)`."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "__root__")
+        key = ".".join(p for p in (prefix, loc) if p)
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+        lines.append(f"{source}: {key or '<top level>'}: {e['msg']}{shown}")
+    return "\n".join(lines)

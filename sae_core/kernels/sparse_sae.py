@@ -1,0 +1,78 @@
+"""Autograd functions of the sparse TopK path (Gao et al. 2024, appendix D.2).
+
+The encoder forward is the one dense B x n operation: a matmul followed by top-k. Everything after it
+works on (idx, vals) of shape [B, k]: the decoder forward, the gradient of the values, and both weight
+gradients. The B x n pre-activation is freed at the end of forward; backward never rebuilds it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sae_core.kernels.sparse_rows import rows_combine, rows_dot, rows_scatter
+
+
+class _TopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k, aux_latents, k_aux):
+        pre = F.linear(x, W_enc, b_enc)
+        vals, idx = pre.topk(k, dim=-1, sorted=True)  # sorted: Multi-TopK reads the top-k as a prefix of the top-4k
+        vals = vals.to(W_enc.dtype).relu_()
+        if aux_latents is not None and k_aux > 0:
+            # AuxK looks only at dead latents: select their columns rather than masking all n.
+            aux_vals, pos = pre.index_select(1, aux_latents).topk(k_aux, dim=-1, sorted=False)
+            aux_idx = aux_latents[pos]
+            aux_vals = aux_vals.to(W_enc.dtype).relu_()
+        else:
+            aux_idx = idx.new_empty((x.shape[0], 0))
+            aux_vals = vals.new_empty((x.shape[0], 0))
+        ctx.save_for_backward(x, W_enc, idx, vals, aux_idx, aux_vals)
+        ctx.has_bias = b_enc is not None
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
+        x, W, idx, vals, aux_idx, aux_vals = ctx.saved_tensors
+        n = W.shape[0]
+        g_vals = torch.zeros_like(vals) if g_vals is None else g_vals
+        I, G = idx, g_vals * (vals > 0)
+        if aux_idx.shape[1] and g_aux is not None:
+            I = torch.cat([I, aux_idx], dim=1)
+            G = torch.cat([G, g_aux * (aux_vals > 0)], dim=1)
+        G = G.to(W.dtype)
+        grad_x = rows_combine(I, G, W).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_W = rows_scatter(I, G, x.to(W.dtype), n) if ctx.needs_input_grad[1] else None
+        grad_b = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(n, dtype=W.dtype, device=W.device).index_add_(0, I.reshape(-1), G.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, idx, vals, W_dec):
+        ctx.save_for_backward(idx, vals, W_dec)
+        return rows_combine(idx, vals, W_dec)
+
+    @staticmethod
+    def backward(ctx, g):
+        idx, vals, W = ctx.saved_tensors
+        g = g.to(W.dtype)
+        grad_vals = rows_dot(idx, g, W).to(vals.dtype) if ctx.needs_input_grad[1] else None
+        grad_W = rows_scatter(idx, vals, g, W.shape[0]) if ctx.needs_input_grad[2] else None
+        return None, grad_vals, grad_W
+
+
+def topk_encode(x, W_enc, b_enc, k: int, aux_latents: torch.Tensor | None = None, k_aux: int = 0):
+    """ReLU(TopK(x W_enc^T + b_enc)) as (vals, idx) [B, k], plus the AuxK code over `aux_latents`.
+
+    `aux_latents` holds the indices of dead latents; the aux code is the top-`k_aux` of their
+    pre-activations (k_aux <= len(aux_latents)). Without it the aux outputs have k = 0 columns.
+    """
+    return _TopKEncode.apply(x, W_enc, b_enc, k, aux_latents, k_aux)
+
+
+def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """sum_j vals[b, j] * W_dec[idx[b, j]]: the decoder without its bias."""
+    return _SparseDecode.apply(idx, vals, W_dec)

@@ -1,0 +1,70 @@
+"""The SAE a user loads: one architecture plus its input normalisation, saved as safetensors + JSON.
+
+    sae = SAE.load("results/my-sweep/saes/<run_id>")
+    z = sae.encode(x)            # dense latents [B, n_latents]
+    x_hat = sae.decode(z)        # in the SAE's (normalised) input space
+    x_hat = sae.reconstruct(x)   # in the original activation space
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from sae_core.architectures import Architecture, Code, SAEConfig, build_architecture, parse_sae_config
+from sae_core.errors import DataError
+from sae_core.io import save_safetensors_atomic, write_json_atomic
+from sae_core.normalization import TokenStats, denormalize, normalize
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class SAE(nn.Module):
+    def __init__(self, cfg: SAEConfig | dict):
+        super().__init__()
+        self.cfg = parse_sae_config(cfg)
+        self.arch: Architecture = build_architecture(self.cfg)
+
+    # --- inference -------------------------------------------------------------------------
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenStats | None]:
+        return normalize(x, self.cfg.normalization)
+
+    def encode_code(self, x: torch.Tensor) -> tuple[Code, TokenStats | None]:
+        """The architecture's own code (sparse for the TopK family) and the per-token stats of x."""
+        xn, stats = self.normalize(x.to(self.arch.W_dec.dtype))
+        return self.arch.encode(xn), stats
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.arch.dense_latents(self.encode_code(x)[0])
+
+    def decode(self, z: Code, stats: TokenStats | None = None) -> torch.Tensor:
+        """Reconstruction from latents; pass the stats from `encode_code` to map back to the original space."""
+        return denormalize(self.arch.decode(z), stats)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        code, stats = self.encode_code(x)
+        return self.decode(code, stats)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reconstruct(x)
+
+    # --- storage ---------------------------------------------------------------------------
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        path = Path(path)
+        save_safetensors_atomic(self.arch.state_dict(), path / WEIGHTS_FILE)
+        write_json_atomic(path / CONFIG_FILE, {"sae": self.cfg.model_dump(), **(extra or {})})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SAE":
+        path = Path(path)
+        cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+        for p in (cfg_path, weights):
+            if not p.is_file():
+                raise DataError(f"{p}: not found; an SAE folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+        sae = cls(parse_sae_config(json.loads(cfg_path.read_text())["sae"], source=str(cfg_path), prefix="sae"))
+        sae.arch.load_state_dict(load_file(weights, device=str(device)))
+        return sae.to(device)

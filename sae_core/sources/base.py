@@ -1,0 +1,40 @@
+"""The interface every activation source implements, and the argument checks the sources share."""
+from __future__ import annotations
+
+import numbers
+from abc import ABC, abstractmethod
+
+import torch
+
+from sae_core.errors import ConfigError
+
+
+class ActivationSource(ABC):
+    """Training vectors as a pure function of (step, batch_size), plus a fixed held-out eval set.
+
+    Purity is what lets the trainer resume a run bit-for-bit by asking again for step s.
+    """
+
+    d_in: int
+
+    @abstractmethod
+    def train_batch(self, step: int, batch_size: int) -> torch.Tensor:
+        """float32 CPU [batch_size, d_in]: positions [step*batch_size, (step+1)*batch_size) of the stream."""
+
+    @abstractmethod
+    def eval_set(self) -> torch.Tensor:
+        """float32 [n_eval, d_in] held-out vectors, never returned by train_batch; the same tensor every call."""
+
+    def sample(self, n: int) -> torch.Tensor:
+        """A deterministic sample of n training vectors, for initialisation statistics."""
+        return self.train_batch(0, n)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_arg(ok: bool, name: str, allowed: str, got) -> None:
+    """Raise a ConfigError naming the argument, what is allowed and what was given."""
+    if not ok:
+        raise ConfigError(f"{name} must be {allowed}, got {got!r}")

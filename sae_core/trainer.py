@@ -1,0 +1,286 @@
+"""The one trainer core. It knows nothing architecture-specific: it initialises from data, runs the
+optimizer with the decoder constraint, tracks dead latents, records training curves at log-spaced
+token counts, checkpoints, and evaluates on held-out vectors. Families plug in through
+`Architecture.loss` (sae_core/architectures/base.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sae_core.architectures import LossOutput, SAEConfig, StepContext, parse_sae_config
+from sae_core.checkpoint import STATE_FILE, TrainerState, load_checkpoint, save_checkpoint
+from sae_core.config import TrainConfig, parse_train_config
+from sae_core.errors import ConfigError
+from sae_core.geometric_median import geometric_median
+from sae_core.metrics import evaluate
+from sae_core.normalization import normalize
+from sae_core.sae import SAE
+from sae_core.sources.base import ActivationSource
+
+
+@dataclass
+class RunResult:
+    status: str  # ok | diverged | stopped (max_steps reached before the end; resumable)
+    error: str | None
+    metrics: dict[str, float]  # held-out: nmse, mse, l0, l1, dead_frac, dead_frac_eval
+    curve: list[dict]
+    steps: int
+    tokens: int
+    flops: float
+    lr: float
+    wall_seconds: float
+    device: str
+    ema_used: bool = False
+    sae: SAE | None = field(default=None, repr=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available; allowed here: auto, cpu")
+    return torch.device(name)
+
+
+def curve_steps(total_steps: int, batch_size: int, per_decade: int) -> list[int]:
+    """Steps at which the curve is sampled: log-spaced in tokens from the first batch, plus the last step."""
+    first, last = math.log10(batch_size), math.log10(total_steps * batch_size)
+    n = int(math.floor((last - first) * per_decade)) + 1
+    # the tolerance keeps 10**log10(B) / B == 1.0000000001 from rounding up to step 2
+    steps = {min(total_steps, math.ceil(10 ** (first + i / per_decade) / batch_size - 1e-9)) for i in range(n)}
+    return sorted(steps | {total_steps})
+
+
+def lr_at(step: int, total_steps: int, base: float, cfg: TrainConfig) -> float:
+    scale = 1.0
+    warm = int(cfg.lr_warmup_frac * total_steps)
+    if warm and step < warm:
+        scale = (step + 1) / warm
+    decay_start = total_steps - int(cfg.lr_decay_frac * total_steps)
+    if step >= decay_start:
+        scale *= (total_steps - step) / (total_steps - decay_start)
+    return base * scale
+
+
+class Trainer:
+    def __init__(self, sae_cfg: SAEConfig | dict, train_cfg: TrainConfig | dict, source: ActivationSource,
+                 out_dir: str | Path | None = None):
+        self.sae_cfg = parse_sae_config(sae_cfg)
+        self.cfg = parse_train_config(train_cfg)
+        if source.d_in != self.sae_cfg.d_in:
+            raise ConfigError(f"sae.d_in: {self.sae_cfg.d_in} does not match the activations' dimension "
+                              f"{source.d_in}; allowed: {source.d_in}")
+        self.source = source
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.device = resolve_device(self.cfg.device)
+        ident = {"sae": self.sae_cfg.model_dump(), "train": self.cfg.model_dump(exclude={"device"})}
+        self.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    # --- setup -----------------------------------------------------------------------------
+    def _init_from_data(self, sae: SAE) -> float:
+        cfg = self.cfg
+        sample, _ = normalize(self.source.sample(cfg.init_samples).to(torch.float64), self.sae_cfg.normalization)
+        sae.arch.reset_parameters(cfg.tied_init, torch.Generator().manual_seed(cfg.seed))
+        with torch.no_grad():
+            if cfg.b_pre_init == "geometric_median":
+                sae.arch.b_pre.copy_(geometric_median(sample))
+            elif cfg.b_pre_init == "mean":
+                sae.arch.b_pre.copy_(sample.mean(dim=0))
+        variance = float((sample - sample.mean(dim=0)).pow(2).sum(dim=1).mean())
+        return 1.0 / variance if variance > 0 else 1.0
+
+    def _optimizer(self, sae: SAE, lr: float) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        return torch.optim.Adam(sae.arch.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                eps=cfg.adam_eps, fused=True)
+
+    def _autocast(self):
+        if self.cfg.autocast == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.autocast == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    # --- evaluation helpers ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _ema_weights(self, sae: SAE, ema: dict[str, torch.Tensor], step: int):
+        """Temporarily load the bias-corrected EMA weights."""
+        correction = 1.0 - self.cfg.ema_decay ** max(step, 1)
+        params = dict(sae.arch.named_parameters())
+        saved = {k: p.detach().clone() for k, p in params.items()}
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(ema[k] / correction)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(saved[k])
+
+    def _evaluate(self, sae: SAE, x: torch.Tensor, ema, step) -> tuple[dict, bool]:
+        """Held-out metrics of the raw weights, or of the EMA weights where they are better (seed 000)."""
+        raw = evaluate(sae, x, self.cfg.eval_batch_size)
+        if not ema:  # empty when EMA is off
+            return raw, False
+        with self._ema_weights(sae, ema, step):
+            averaged = evaluate(sae, x, self.cfg.eval_batch_size)
+        better = averaged["nmse"] < raw["nmse"]
+        return ({**averaged, "nmse_raw": raw["nmse"]} if better else {**raw, "nmse_ema": averaged["nmse"]}), better
+
+    # --- the loop ----------------------------------------------------------------------------
+    def start(self) -> "TrainingSession":
+        """Build the SAE and optimizer, from out_dir's checkpoint if there is one, else from data."""
+        cfg, device = self.cfg, self.device
+        torch.manual_seed(cfg.seed)
+        sae = SAE(self.sae_cfg).to(device)
+        base_lr = cfg.resolved_lr(self.sae_cfg.n_latents)
+        opt = self._optimizer(sae, base_lr)
+        ckpt = self.out_dir / STATE_FILE if self.out_dir else None
+        if ckpt is not None and ckpt.is_file():
+            st, tsf, ema = load_checkpoint(ckpt, sae.arch, opt, device)
+            if st.fingerprint != self.fingerprint:
+                raise ConfigError(f"{ckpt}: checkpoint belongs to a different config; delete it or use another out_dir")
+        else:
+            st = TrainerState(mse_scale=self._init_from_data(sae), fingerprint=self.fingerprint)
+            tsf = torch.zeros(self.sae_cfg.n_latents, dtype=torch.int64, device=device)
+            ema = {k: torch.zeros_like(p) for k, p in sae.arch.named_parameters()} if cfg.ema_decay else {}
+        return TrainingSession(self, sae, opt, st, tsf, ema, base_lr, ckpt)
+
+    def run(self, max_steps: int | None = None,
+            curve_metrics: Callable[[SAE], dict[str, float]] | None = None) -> RunResult:
+        """Train (resuming from out_dir's checkpoint if there is one) and evaluate.
+
+        max_steps stops early with status 'stopped' after writing a checkpoint (time-boxed jobs, tests).
+        curve_metrics adds columns to every curve row (e.g. feature recovery on synthetic data).
+        """
+        cfg = self.cfg
+        t_start = time.time()
+        session = self.start()
+        sae, st, B = session.sae, session.state, cfg.batch_size
+        total = cfg.steps()
+        eval_x = self.source.eval_set()
+        curve_x = eval_x[: cfg.curve_eval_tokens]
+        sample_at = set(curve_steps(total, B, cfg.curve_points_per_decade))
+        every = max(1, math.ceil((cfg.checkpoint_every_tokens or math.ceil(cfg.train_tokens / 10)) / B))
+        stop_at = total if max_steps is None else min(total, st.step + max_steps)
+        status, error = "ok", None
+
+        while st.step < stop_at:
+            out = session.step(self.source.train_batch(st.step, B))
+            if out is None:
+                status = "diverged"
+                error = f"loss became non-finite at step {st.step} (tokens {st.tokens}); last good checkpoint kept"
+                break
+            if st.step in sample_at:
+                m, _ = self._evaluate(sae, curve_x, session.ema, st.step)
+                st.curve.append({"step": st.step, "tokens": st.tokens, "flops": st.flops, "nmse": m["nmse"],
+                                 "l0": m["l0"], "dead_frac": session.dead_frac(), "lr": session.lr,
+                                 **{k: float(v) for k, v in out.terms.items()},
+                                 **(curve_metrics(sae) if curve_metrics else {})})
+            if st.step % every == 0 or st.step == stop_at:
+                session.checkpoint()
+
+        if status == "ok" and st.step < total:
+            status = "stopped"
+        metrics, ema_used = self._evaluate(sae, eval_x, session.ema, st.step)
+        metrics["dead_frac"] = session.dead_frac()
+        if ema_used:  # keep the better weights as the run's SAE
+            with torch.no_grad():
+                for k, p in sae.arch.named_parameters():
+                    p.copy_(session.ema[k] / (1.0 - cfg.ema_decay ** max(st.step, 1)))
+        result = RunResult(status=status, error=error, metrics=metrics, curve=list(st.curve), steps=st.step,
+                           tokens=st.tokens, flops=st.flops, lr=session.base_lr, wall_seconds=time.time() - t_start,
+                           device=str(self.device), ema_used=ema_used, sae=sae)
+        if self.out_dir is not None and status == "ok":
+            sae.save(self.out_dir, extra={"train": cfg.model_dump(), "metrics": metrics, "ema_used": ema_used})
+        return result
+
+
+@dataclass
+class TrainingSession:
+    """A run in progress: the SAE, its optimizer and the state a checkpoint must hold."""
+
+    trainer: Trainer
+    sae: SAE
+    opt: torch.optim.Optimizer
+    state: TrainerState
+    tokens_since_fired: torch.Tensor
+    ema: dict[str, torch.Tensor]
+    base_lr: float
+    ckpt: Path | None
+    lr: float = 0.0
+
+    def __post_init__(self):
+        cfg = self.trainer.cfg
+        self.scaler = torch.amp.GradScaler(self.trainer.device.type) if cfg.autocast == "fp16" else None
+
+    def dead_frac(self) -> float:
+        return float((self.tokens_since_fired >= self.trainer.cfg.dead_window_tokens).float().mean())
+
+    def checkpoint(self) -> None:
+        if self.ckpt is not None:
+            save_checkpoint(self.ckpt, self.state, self.sae.arch, self.opt, self.tokens_since_fired, self.ema)
+
+    def step(self, x: torch.Tensor) -> LossOutput | None:
+        """One optimizer step on a raw batch; None (and no update) if the loss is not finite."""
+        tr, cfg, st, arch = self.trainer, self.trainer.cfg, self.state, self.sae.arch
+        x, _ = normalize(x.to(tr.device, non_blocking=True), tr.sae_cfg.normalization)
+        dead = (self.tokens_since_fired >= cfg.dead_window_tokens).nonzero().squeeze(1)
+        ctx = StepContext(mse_scale=st.mse_scale, dead_latents=dead if dead.numel() else None,
+                          progress=st.step / cfg.steps())
+        with tr._autocast():
+            out = arch.loss(x, ctx)
+        if not math.isfinite(float(out.loss.detach())):
+            return None
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(out.loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            out.loss.backward()
+        if cfg.decoder_unit_norm:
+            _remove_parallel_grad(arch.W_dec)
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(arch.parameters(), cfg.grad_clip)
+        self.lr = lr_at(st.step, cfg.steps(), self.base_lr, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        if cfg.decoder_unit_norm:
+            _renormalize_rows(arch.W_dec)
+        if self.ema:
+            with torch.no_grad():
+                for k, p in arch.named_parameters():
+                    self.ema[k].lerp_(p.detach(), 1.0 - cfg.ema_decay)
+        self.tokens_since_fired += x.shape[0]
+        self.tokens_since_fired[arch.active_latents(out.code)] = 0
+        st.step += 1
+        st.tokens += x.shape[0]
+        st.flops += out.flops
+        return out
+
+
+@torch.no_grad()
+def _remove_parallel_grad(W: torch.nn.Parameter) -> None:
+    """g_i <- g_i - (g_i . w_i) w_i for each unit-norm decoder row w_i: the step cannot change its norm
+    to first order, so the renormalisation after it loses no progress."""
+    if W.grad is not None:
+        W.grad.sub_((W.grad * W).sum(dim=1, keepdim=True) * W)
+
+
+@torch.no_grad()
+def _renormalize_rows(W: torch.nn.Parameter) -> None:
+    W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-12))

@@ -1,0 +1,245 @@
+"""The trainer core: the recipe's invariants, resume, divergence, bad input, recovery of known features."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from sae_core import SAE, ConfigError, Trainer
+from sae_core.architectures import StepContext, parse_sae_config
+from sae_core.checkpoint import STATE_FILE
+from sae_core.config import TrainConfig
+from sae_core.geometric_median import geometric_median
+from sae_core.normalization import denormalize, normalize
+from sae_core.sources import ActivationSource, SyntheticSource, mmcs
+from sae_core.trainer import _remove_parallel_grad, curve_steps, lr_at
+
+SMALL = SyntheticSource(d_in=16, n_features=64, active_per_vector=3, noise_std=0.01, seed=0, n_eval=1024)
+
+
+def topk_cfg(**kw):
+    return {"arch": "topk", "d_in": 16, "n_latents": 64, "k": 4, "normalization": "none", **kw}
+
+
+def train_cfg(**kw):
+    return {"train_tokens": 256 * 12, "batch_size": 256, "lr": 1e-3, "dead_window_tokens": 1024, **kw}
+
+
+def test_decoder_rows_unit_norm_after_every_step(tmp_path):
+    for _ in range(4):  # one step per run, each resuming the last: the norm is seen after every step
+        result = Trainer(topk_cfg(), train_cfg(), SMALL, tmp_path).run(max_steps=1)
+        norms = result.sae.arch.W_dec.detach().norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
+    assert result.steps == 4
+
+
+def test_parallel_gradient_removal_leaves_gradients_orthogonal_to_rows():
+    W = torch.nn.Parameter(torch.randn(50, 16, dtype=torch.float64))
+    with torch.no_grad():
+        W.div_(W.norm(dim=1, keepdim=True))
+    W.grad = torch.randn(50, 16, dtype=torch.float64)
+    before = W.grad.clone()
+    _remove_parallel_grad(W)
+    assert (W.grad * W).sum(dim=1).abs().max() < 1e-12
+    # only the parallel part was removed: the orthogonal part is untouched
+    parallel = (before * W).sum(dim=1, keepdim=True) * W
+    torch.testing.assert_close(W.grad, before - parallel)
+
+
+def test_geometric_median_matches_direct_minimisation():
+    rng = np.random.default_rng(0)
+    pts = np.concatenate([rng.normal(size=(300, 5)), rng.normal(loc=8.0, size=(40, 5))])  # skewed by outliers
+    ref = minimize(lambda y: np.linalg.norm(pts - y, axis=1).sum(), pts.mean(0), method="Nelder-Mead",
+                   options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 200000, "maxfev": 200000}).x
+    got = geometric_median(torch.from_numpy(pts)).numpy()
+    assert np.abs(got - ref).max() < 1e-4
+    assert np.abs(pts.mean(0) - ref).max() > 0.1  # the test would notice a plain mean
+
+
+def test_auxk_revives_dead_latents():
+    """More true features than latents and a short dead window: latents die early, AuxK brings them back."""
+    src = SyntheticSource(d_in=32, n_features=1024, active_per_vector=4, seed=1, n_eval=1024)
+    dead = {}
+    for coeff in (0.0, 1 / 32):
+        r = Trainer({"arch": "topk", "d_in": 32, "n_latents": 256, "k": 4, "normalization": "none", "aux_coeff": coeff},
+                    {"train_tokens": 200_000, "batch_size": 512, "lr": 3e-3, "dead_window_tokens": 5_000,
+                     "tied_init": False}, src).run()
+        dead[coeff] = r.metrics["dead_frac"]
+        if coeff:
+            assert any("aux_loss" in row for row in r.curve)
+    assert dead[0.0] > 0.3, dead  # the case does kill latents
+    assert dead[1 / 32] < dead[0.0] - 0.1, dead
+
+
+def test_auxk_loss_per_batch_normalisation_and_nan_safety():
+    cfg = parse_sae_config(topk_cfg(k=2, k_aux=4, aux_coeff=0.5))
+    sae = SAE(cfg)
+    sae.arch.reset_parameters(True, torch.Generator().manual_seed(0))
+    x = torch.randn(32, 16)
+    dead = torch.arange(10, 30)
+    out = sae.arch.loss(x, StepContext(mse_scale=0.3, dead_latents=dead))
+    # dense re-computation of the same quantities
+    pre = (x - sae.arch.b_pre) @ sae.arch.W_enc.T + sae.arch.b_enc
+    top = pre.topk(2).indices
+    z = torch.zeros_like(pre).scatter(1, top, pre.gather(1, top)).relu()
+    e = x - (z @ sae.arch.W_dec + sae.arch.b_pre)
+    sub = pre[:, dead]
+    at = sub.topk(4).indices
+    za = torch.zeros_like(sub).scatter(1, at, sub.gather(1, at)).relu()
+    e_hat = za @ sae.arch.W_dec[dead]
+    aux = ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
+    mse = 0.3 * (e ** 2).sum(1).mean()
+    torch.testing.assert_close(out.terms["aux_loss"], aux.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.detach(), (mse + 0.5 * aux).detach(), rtol=1e-5, atol=1e-6)
+    # one row: the residual has zero variance over the batch -> NaN ratio, which must become 0
+    out1 = sae.arch.loss(x[:1], StepContext(mse_scale=0.3, dead_latents=dead))
+    assert math.isfinite(float(out1.loss.detach())) and float(out1.terms["aux_loss"]) == 0.0
+
+
+def test_multi_topk_loss_is_lk_plus_l4k_over_8():
+    sae = SAE({"arch": "multi_topk", "d_in": 16, "n_latents": 64, "k": 3, "normalization": "none"})
+    sae.arch.reset_parameters(True, torch.Generator().manual_seed(1))
+    x = torch.randn(20, 16)
+    out = sae.arch.loss(x, StepContext(mse_scale=1.0))
+    pre = (x - sae.arch.b_pre) @ sae.arch.W_enc.T + sae.arch.b_enc
+
+    def recon_err(kk):
+        top = pre.topk(kk).indices
+        z = torch.zeros_like(pre).scatter(1, top, pre.gather(1, top)).relu()
+        return ((x - z @ sae.arch.W_dec - sae.arch.b_pre) ** 2).sum(1).mean()
+
+    torch.testing.assert_close(out.loss.detach(), (recon_err(3) + recon_err(12) / 8).detach(), rtol=1e-5, atol=1e-6)
+    assert out.code.idx.shape == (20, 3)  # inference code keeps k
+
+
+def test_resume_from_checkpoint_is_bit_for_bit(tmp_path):
+    cfg = train_cfg(train_tokens=256 * 10, checkpoint_every_tokens=256 * 3, ema_decay=0.9)
+    straight = Trainer(topk_cfg(), cfg, SMALL, tmp_path / "a").run()
+    first = Trainer(topk_cfg(), cfg, SMALL, tmp_path / "b").run(max_steps=4)
+    assert first.status == "stopped" and (tmp_path / "b" / STATE_FILE).is_file()
+    resumed = Trainer(topk_cfg(), cfg, SMALL, tmp_path / "b").run()
+    assert resumed.status == "ok" and resumed.steps == straight.steps == 10
+    for (name, a), (_, b) in zip(straight.sae.arch.state_dict().items(), resumed.sae.arch.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert resumed.curve == straight.curve
+    assert resumed.metrics == straight.metrics
+    assert resumed.flops == straight.flops
+
+
+def test_divergence_stops_with_status_and_keeps_last_good_checkpoint(tmp_path):
+    class Poisoned(ActivationSource):
+        d_in = 16
+
+        def train_batch(self, step, batch_size):
+            x = SMALL.train_batch(step, batch_size)
+            return x * float("inf") if step == 5 else x
+
+        def eval_set(self):
+            return SMALL.eval_set()
+
+    r = Trainer(topk_cfg(), train_cfg(checkpoint_every_tokens=256 * 2), Poisoned(), tmp_path).run()
+    assert r.status == "diverged" and "step 5" in r.error and r.steps == 5
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / STATE_FILE), "pt") as f:
+        assert json.loads(f.metadata()["state"])["step"] == 4
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys() if k.startswith("model."))
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"k": 65}, "k"), ({"k": 0}, "k"), ({"n_latents": 0}, "n_latents"), ({"arch": "nope"}, "arch"),
+    ({"k_aux": 1000}, "k_aux"), ({"normalization": "zscore"}, "normalization"), ({"bogus": 1}, "bogus"),
+])
+def test_bad_sae_config_names_the_field(bad, field):
+    with pytest.raises(ConfigError) as err:
+        parse_sae_config(topk_cfg(**bad), source="sweep.yaml")
+    assert "sweep.yaml" in str(err.value) and field in str(err.value)
+
+
+def test_multi_topk_checks_the_wide_k_fits():
+    with pytest.raises(ConfigError, match="multi_k_factor"):
+        parse_sae_config({"arch": "multi_topk", "d_in": 16, "n_latents": 64, "k": 20})
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -1.0, 0.0])
+def test_non_finite_or_non_positive_lr_is_rejected(lr):
+    with pytest.raises(ConfigError, match="train.lr"):
+        Trainer(topk_cfg(), train_cfg(lr=lr), SMALL)
+
+
+def test_activation_dimension_mismatch_is_rejected():
+    with pytest.raises(ConfigError, match="d_in"):
+        Trainer(topk_cfg(d_in=17), train_cfg(), SMALL)
+
+
+def test_lr_auto_and_schedule():
+    assert TrainConfig(train_tokens=1).resolved_lr(2**14) == pytest.approx(2e-4)
+    assert TrainConfig(train_tokens=1).resolved_lr(2**16) == pytest.approx(1e-4)
+    cfg = TrainConfig(train_tokens=100, batch_size=1, lr_warmup_frac=0.1, lr_decay_frac=0.2)
+    lrs = [lr_at(s, 100, 1.0, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[50] == 1.0
+    assert lrs[80] == 1.0 and lrs[90] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.05)
+
+
+def test_curve_steps_cover_every_decade():
+    steps = curve_steps(total_steps=10_000, batch_size=100, per_decade=4)
+    assert steps[0] == 1 and steps[-1] == 10_000 and steps == sorted(set(steps))
+    tokens = np.array(steps) * 100
+    for decade in range(2, 7):
+        assert ((tokens >= 10**decade) & (tokens < 10 ** (decade + 1))).sum() >= 3 or decade == 6
+
+
+@pytest.mark.parametrize("kind", ["unit_norm", "standardize"])
+def test_normalisation_round_trip_and_metrics_in_original_space(kind):
+    x = torch.randn(64, 16) * 5 + 3
+    xn, stats = normalize(x, kind)
+    torch.testing.assert_close(denormalize(xn, stats), x)
+    assert xn.mean(dim=1).abs().max() < 1e-5
+    expected = torch.ones(64) if kind == "unit_norm" else torch.full((64,), 4.0)  # sqrt(d_in) = 4
+    torch.testing.assert_close(xn.norm(dim=1), expected)
+    r = Trainer(topk_cfg(normalization=kind), train_cfg(), SMALL).run()
+    ev = SMALL.eval_set()
+    with torch.no_grad():
+        x_hat = r.sae.reconstruct(ev)
+    nmse = float(((ev - x_hat) ** 2).sum() / ((ev - ev.mean(0)) ** 2).sum())
+    assert r.metrics["nmse"] == pytest.approx(nmse, rel=1e-4)
+
+
+def test_ema_keeps_the_better_of_raw_and_averaged():
+    r = Trainer(topk_cfg(), train_cfg(ema_decay=0.5), SMALL).run()
+    if r.ema_used:
+        assert r.metrics["nmse"] <= r.metrics["nmse_raw"]
+    else:
+        assert r.metrics["nmse"] <= r.metrics["nmse_ema"]
+
+
+def test_bf16_autocast_trains_finitely():
+    r = Trainer(topk_cfg(), train_cfg(autocast="bf16"), SMALL).run()
+    assert r.status == "ok" and 0 < r.metrics["nmse"] < 1.0
+
+
+def test_flops_follow_the_readme_formula():
+    r = Trainer(topk_cfg(), train_cfg(dead_window_tokens=10**9), SMALL).run()  # no dead latents: no AuxK
+    d, n, k, B = 16, 64, 4, 256
+    assert r.flops == pytest.approx(r.steps * B * (2 * d * n + 10 * d * k))
+
+
+def test_save_load_round_trip(tmp_path):
+    r = Trainer(topk_cfg(normalization="unit_norm"), train_cfg(), SMALL, tmp_path).run()
+    sae = SAE.load(tmp_path)
+    x = SMALL.eval_set()[:32]
+    torch.testing.assert_close(sae.reconstruct(x), r.sae.reconstruct(x), rtol=0, atol=0)
+    z = sae.encode(x)
+    assert z.shape == (32, 64) and int((z != 0).sum(1).max()) <= 4
+    code, stats = sae.encode_code(x)
+    torch.testing.assert_close(sae.decode(z, stats), sae.reconstruct(x))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["sae"]["k"] == 4 and "nmse" in saved["metrics"]
+
+
+def test_recovers_ground_truth_features():
+    src = SyntheticSource(d_in=32, n_features=128, active_per_vector=4, noise_std=0.01, seed=3, n_eval=2048)
+    r = Trainer({"arch": "topk", "d_in": 32, "n_latents": 256, "k": 4, "normalization": "none"},
+                {"train_tokens": 400_000, "batch_size": 1024, "lr": 2e-3, "dead_window_tokens": 20_000}, src).run()
+    assert mmcs(r.sae.arch.W_dec.detach(), src.features) >= 0.9
