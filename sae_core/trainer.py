@@ -156,11 +156,11 @@ class Trainer:
         return TrainingSession(self, sae, opt, st, tsf, ema, base_lr, ckpt)
 
     def run(self, max_steps: int | None = None,
-            curve_metrics: Callable[[SAE], dict[str, float]] | None = None) -> RunResult:
+            curve_metrics: Callable[[SAE, dict], dict[str, float]] | None = None) -> RunResult:
         """Train (resuming from out_dir's checkpoint if there is one) and evaluate.
 
         max_steps stops early with status 'stopped' after writing a checkpoint (time-boxed jobs, tests).
-        curve_metrics adds columns to every curve row (e.g. feature recovery on synthetic data).
+        curve_metrics(sae, row) adds columns to every curve row (e.g. feature recovery on synthetic data).
         """
         cfg = self.cfg
         t_start = time.time()
@@ -182,10 +182,10 @@ class Trainer:
                 break
             if st.step in sample_at:
                 m, _ = self._evaluate(sae, curve_x, session.ema, st.step)
-                st.curve.append({"step": st.step, "tokens": st.tokens, "flops": st.flops, "nmse": m["nmse"],
-                                 "l0": m["l0"], "dead_frac": session.dead_frac(), "lr": session.lr,
-                                 **{k: float(v) for k, v in out.terms.items()},
-                                 **(curve_metrics(sae) if curve_metrics else {})})
+                row = {"step": st.step, "tokens": st.tokens, "flops": st.flops, "nmse": m["nmse"], "l0": m["l0"],
+                       "dead_frac": session.dead_frac(), "lr": session.lr,
+                       **{k: float(v) for k, v in out.terms.items()}}
+                st.curve.append({**row, **(curve_metrics(sae, row) if curve_metrics else {})})
             if st.step % every == 0 or st.step == stop_at:
                 session.checkpoint()
 

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Vectors/s of one TopK training step, three ways, interleaved in one run on the same data:
+
+  sparse  the trainer's own step (Trainer.start().step): dense encoder matmul + top-k, everything
+          after it on (idx, vals) [B, k], plus the whole recipe (AuxK bookkeeping, decoder
+          projection and renormalisation, Adam, dead-latent counters)
+  naive   the same recipe done the textbook way: scatter the top-k into a dense B x n code, dense
+          decoder, dense autograd (six B x d x n matmuls per step)
+  floor   the dense encoder matmul alone, x W_enc^T + b_enc: what the paper says a TopK step can approach
+
+Usage: .venv/bin/python bench/train_step.py [--configs 768x24576 768x98304] [--steps 3] [--reps 3]
+Prints a table; ratios are what to compare (the machine is shared and noisy).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from sae_core import Trainer
+from sae_core.sources import SyntheticSource
+
+
+def naive_step_fn(d: int, n: int, k: int, lr: float):
+    g = torch.Generator().manual_seed(0)
+    W_dec = torch.randn(n, d, generator=g)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    params = {"W_enc": W_dec.clone(), "b_enc": torch.zeros(n), "W_dec": W_dec, "b_pre": torch.zeros(d)}
+    params = {k_: torch.nn.Parameter(v) for k_, v in params.items()}
+    opt = torch.optim.Adam(params.values(), lr=lr, eps=6.25e-10, fused=True)
+
+    def step(x):
+        p = params
+        pre = (x - p["b_pre"]) @ p["W_enc"].T + p["b_enc"]
+        vals, idx = pre.topk(k, dim=-1)
+        z = torch.zeros_like(pre).scatter(1, idx, vals.relu())
+        x_hat = z @ p["W_dec"] + p["b_pre"]
+        loss = (x - x_hat).pow(2).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W, G = p["W_dec"], p["W_dec"].grad
+            G.sub_((G * W).sum(1, keepdim=True) * W)
+        opt.step()
+        with torch.no_grad():
+            p["W_dec"].div_(p["W_dec"].norm(dim=1, keepdim=True))
+    return step
+
+
+def floor_fn(d: int, n: int):
+    g = torch.Generator().manual_seed(0)
+    W, b = torch.randn(n, d, generator=g), torch.zeros(n)
+    return lambda x: torch.addmm(b, x, W.T)
+
+
+def time_steps(fn, batches) -> float:
+    """Median seconds per step over the batches (the first call of a run is warm-up, not timed)."""
+    fn(batches[0])
+    times = []
+    for x in batches[1:]:
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["768x24576", "768x98304"], help="d_in x n_latents")
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repeats of the three measurements")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-naive", action="store_true", help="the naive step needs ~4 dense B x n buffers")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, k {args.k}, fp32, CPU\n")
+    rows = []
+    for spec in args.configs:
+        d, n = map(int, spec.split("x"))
+        source = SyntheticSource(d_in=d, n_features=8 * d, active_per_vector=16, noise_std=0.02, seed=0, n_eval=256)
+        batches = [source.train_batch(i, args.batch) for i in range(args.steps + 1)]
+        trainer = Trainer({"arch": "topk", "d_in": d, "n_latents": n, "k": args.k, "normalization": "none"},
+                          {"train_tokens": 10**9, "batch_size": args.batch, "init_samples": 4096}, source)
+        session = trainer.start()
+        methods = {"floor": floor_fn(d, n), "sparse": session.step}
+        if not args.skip_naive:
+            methods["naive"] = naive_step_fn(d, n, args.k, session.base_lr)
+        times = {m: [] for m in methods}
+        for _ in range(args.reps):
+            for name, fn in methods.items():
+                times[name].append(time_steps(fn, batches))
+        best = {m: min(ts) for m, ts in times.items()}
+        rows.append((d, n, best, times))
+        del session, trainer, methods
+
+    print(f"{'d_in':>5} {'n':>7} {'method':>7} {'s/step (reps)':>28} {'vectors/s':>10} {'x floor':>8}")
+    for d, n, best, times in rows:
+        for m, t in best.items():
+            reps = " ".join(f"{x:.3f}" for x in times[m])
+            print(f"{d:>5} {n:>7} {m:>7} {reps:>28} {args.batch / t:>10.0f} {t / best['floor']:>8.2f}")
+        if "naive" in best:
+            print(f"{'':>5} {'':>7} {'':>7} naive / sparse = {best['naive'] / best['sparse']:.2f}x")
+    print("\nx floor: step time / dense-encoder-matmul time (best of reps). Target: sparse <= 1.5 at n=98304.")
+
+
+if __name__ == "__main__":
+    main()
