@@ -36,6 +36,7 @@ class TrainConfig(BaseModel):
     curve_eval_tokens: int = Field(4096, ge=1)  # held-out vectors evaluated at each curve point
     eval_batch_size: int = Field(4096, ge=1)
     checkpoint_every_tokens: int | None = Field(None, ge=1)  # None: 10 checkpoints per run
+    resample_dead: int | None = Field(None, ge=0)  # times to resample dead latents; None: the family's default
 
     @field_validator("lr")
     @classmethod

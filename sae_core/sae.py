@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from sae_core.architectures import Architecture, Code, SAEConfig, build_architecture, parse_sae_config
+from sae_core.architectures import Architecture, Code, SAEConfig, SparseCode, build_architecture, parse_sae_config
 from sae_core.errors import DataError
 from sae_core.io import save_safetensors_atomic, write_json_atomic
 from sae_core.normalization import TokenStats, denormalize, normalize
@@ -44,6 +44,19 @@ class SAE(nn.Module):
     def decode(self, z: Code, stats: TokenStats | None = None) -> torch.Tensor:
         """Reconstruction from latents; pass the stats from `encode_code` to map back to the original space."""
         return denormalize(self.arch.decode(z), stats)
+
+    def encode_with(self, x: torch.Tensor, *, k: int | None = None,
+                    threshold: float | None = None) -> tuple[Code, TokenStats | None]:
+        """Swap the activation at test time (Gao et al. 5.3): TopK(k) or JumpReLU(threshold) applied to the
+        family's pre-activations, whatever it was trained with. Exactly one of k, threshold."""
+        if (k is None) == (threshold is None):
+            raise ValueError("give exactly one of k, threshold")
+        xn, stats = self.normalize(x.to(self.arch.W_dec.dtype))
+        h = self.arch.preactivation(xn)
+        if k is not None:
+            vals, idx = h.topk(k, dim=-1)
+            return SparseCode(idx, vals.relu()), stats
+        return h * (h > threshold), stats
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         code, stats = self.encode_code(x)

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from sae_core.architectures import LossOutput, SAEConfig, StepContext, parse_sae_config
+from sae_core.architectures.base import registry
 from sae_core.checkpoint import STATE_FILE, TrainerState, load_checkpoint, save_checkpoint
 from sae_core.config import TrainConfig, parse_train_config
 from sae_core.errors import ConfigError
@@ -75,7 +76,13 @@ class Trainer:
     def __init__(self, sae_cfg: SAEConfig | dict, train_cfg: TrainConfig | dict, source: ActivationSource,
                  out_dir: str | Path | None = None):
         self.sae_cfg = parse_sae_config(sae_cfg)
-        self.cfg = parse_train_config(train_cfg)
+        family = registry()[self.sae_cfg.arch]
+        cfg = parse_train_config(train_cfg)
+        # the family's own training settings, for the keys the user left at their defaults
+        self.cfg = cfg.model_copy(update={k: v for k, v in family.train_defaults.items() if k not in cfg.model_fields_set})
+        resamples = family.default_resamples if self.cfg.resample_dead is None else self.cfg.resample_dead
+        total = self.cfg.steps()
+        self.resample_steps = {round(total * i / (resamples + 1)) for i in range(1, resamples + 1)} - {0}
         if source.d_in != self.sae_cfg.d_in:
             raise ConfigError(f"sae.d_in: {self.sae_cfg.d_in} does not match the activations' dimension "
                               f"{source.d_in}; allowed: {source.d_in}")
@@ -222,6 +229,34 @@ class TrainingSession:
     def __post_init__(self):
         cfg = self.trainer.cfg
         self.scaler = torch.amp.GradScaler(self.trainer.device.type) if cfg.autocast == "fp16" else None
+        self.constrain = cfg.decoder_unit_norm and self.sae.arch.constrain_decoder
+
+    @torch.no_grad()
+    def resample_dead(self, x: torch.Tensor) -> int:
+        """Bricken et al. (2023): each dead latent gets the direction of an input drawn with probability
+        proportional to its squared reconstruction loss; its encoder row the same direction at 0.2 x the
+        mean alive encoder norm; its Adam moments are zeroed and its dead counter restarts. x is normalised."""
+        arch, cfg = self.sae.arch, self.trainer.cfg
+        dead = (self.tokens_since_fired >= cfg.dead_window_tokens).nonzero().squeeze(1)
+        if not dead.numel():
+            return 0
+        loss = (x - arch.decode(arch.encode(x))).pow(2).sum(dim=1)
+        gen = torch.Generator(device=x.device).manual_seed(cfg.seed * 1_000_003 + self.state.step)
+        weights = loss.pow(2) if float(loss.max()) > 0 else torch.ones_like(loss)
+        picks = torch.multinomial(weights, dead.numel(), replacement=True, generator=gen)
+        directions = torch.nn.functional.normalize(x[picks] - arch.b_pre, dim=1)
+        alive = torch.ones(arch.cfg.n_latents, dtype=torch.bool, device=x.device)
+        alive[dead] = False
+        norms = arch.W_enc.norm(dim=1)
+        encoder_norm = 0.2 * float(norms[alive].mean() if alive.any() else norms.mean())
+        arch.reinit_latents(dead, directions, encoder_norm)
+        params = dict(arch.named_parameters())
+        for name in arch.latent_parameters():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in self.opt.state.get(params[name], {}):
+                    self.opt.state[params[name]][moment][dead] = 0.0
+        self.tokens_since_fired[dead] = 0
+        return int(dead.numel())
 
     def dead_frac(self) -> float:
         return float((self.tokens_since_fired >= self.trainer.cfg.dead_window_tokens).float().mean())
@@ -247,7 +282,7 @@ class TrainingSession:
             self.scaler.unscale_(self.opt)
         else:
             out.loss.backward()
-        if cfg.decoder_unit_norm:
+        if self.constrain:
             _remove_parallel_grad(arch.W_dec)
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(arch.parameters(), cfg.grad_clip)
@@ -259,7 +294,7 @@ class TrainingSession:
             self.scaler.update()
         else:
             self.opt.step()
-        if cfg.decoder_unit_norm:
+        if self.constrain:
             _renormalize_rows(arch.W_dec)
         if self.ema:
             with torch.no_grad():
@@ -267,6 +302,8 @@ class TrainingSession:
                     self.ema[k].lerp_(p.detach(), 1.0 - cfg.ema_decay)
         self.tokens_since_fired += x.shape[0]
         self.tokens_since_fired[arch.active_latents(out.code)] = 0
+        if st.step in tr.resample_steps:
+            self.resample_dead(x)
         st.step += 1
         st.tokens += x.shape[0]
         st.flops += out.flops

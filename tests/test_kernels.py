@@ -87,3 +87,28 @@ def test_float32_matches_float64_reference_closely():
     vals, idx, _, _ = topk_encode(x, W, None, 5)
     ref = (x.double() @ W.double().T).topk(5).values.relu()
     torch.testing.assert_close(vals.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_topk_keeps_exactly_k_times_b_and_matches_dense_grads():
+    x, W, b = _rand(B, D, seed=20), _rand(N, D, seed=21), _rand(N, seed=22)
+    W_dec = _rand(N, D, seed=23)
+    results = []
+    for sparse in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, W, b, W_dec)]
+        xl, Wl, bl, Dl = leaves
+        if sparse:
+            vals, idx, _, _ = topk_encode(xl, Wl, bl, K, batch=True)
+            assert int((vals > 0).sum()) == K * B  # random data: every kept value is positive
+            out = sparse_decode(idx, vals, Dl)
+        else:
+            pre = (xl @ Wl.T + bl).relu()
+            keep = pre.flatten().topk(K * B).indices
+            mask = torch.zeros(B * N, dtype=torch.bool)
+            mask[keep] = True
+            out = (pre * mask.view(B, N)) @ Dl
+        (out ** 2).sum().backward()
+        results.append((out.detach(), [t.grad for t in leaves]))
+    (ref, ref_grads), (got, grads) = results
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-9)

@@ -36,8 +36,14 @@ def parse_sae_config(data: dict[str, Any] | SAEConfig, source: str = "config", p
     if arch not in families:
         key = ".".join(p for p in (prefix, "arch") if p)
         raise ConfigError(f"{source}: {key}: unknown architecture {arch!r}; allowed: {', '.join(sorted(families))}")
+    config_cls = families[arch].Config
+    foreign = sorted(set(data) - set(config_cls.model_fields))
+    if foreign:
+        key = ".".join(p for p in (prefix, foreign[0]) if p)
+        raise ConfigError(f"{source}: {key}: does not apply to arch {arch!r}; its keys are: "
+                          f"{', '.join(config_cls.model_fields)}")
     try:
-        return families[arch].Config.model_validate(data)
+        return config_cls.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_pydantic_error(err, source, prefix)) from None
 

@@ -2,14 +2,17 @@
 
 An architecture owns its parameters and says how to encode, how to compute its training loss from a
 (normalised) batch, and what that step cost in FLOPs. Everything else — initialisation from data,
-the decoder constraint, the optimizer, dead-latent tracking, checkpoints, metrics — is the trainer's,
-shared by all families. Every family has a pre-encoder bias b_pre (also the decoder bias) and a
-decoder W_dec of shape [n_latents, d_in] whose rows are the latent directions.
+the decoder constraint, the optimizer, dead-latent tracking, resampling, checkpoints, metrics — is the
+trainer's, shared by all families. Every family has a pre-encoder bias b_pre (also the decoder bias),
+an encoder W_enc and a decoder W_dec, both [n_latents, d_in], the decoder's rows being the latent
+directions. Every other parameter is indexed by latent along its first dimension.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
+
+import math
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -80,16 +83,21 @@ def registry() -> dict[str, type["Architecture"]]:
 class Architecture(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type[SAEConfig]]
+    # Training settings the family's own paper uses, applied where the user set nothing (TrainConfig keys).
+    train_defaults: ClassVar[dict] = {}
+    # How many times dead latents are resampled in training unless train.resample_dead says otherwise.
+    default_resamples: ClassVar[int] = 0
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
         self.b_pre = nn.Parameter(torch.zeros(cfg.d_in))
+        self.W_enc = nn.Parameter(torch.empty(cfg.n_latents, cfg.d_in))
         self.W_dec = nn.Parameter(torch.empty(cfg.n_latents, cfg.d_in))
 
     # --- what a family defines -------------------------------------------------------------
-    def init_encoder(self, tied: bool, generator: torch.Generator) -> None:
-        """Initialise encoder parameters; W_dec already holds unit-norm random rows."""
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense [B, n] values the family's activation function acts on (for test-time swaps)."""
         raise NotImplementedError
 
     def encode(self, x: torch.Tensor) -> Code:
@@ -99,13 +107,43 @@ class Architecture(nn.Module):
     def loss(self, x: torch.Tensor, ctx: StepContext) -> LossOutput:
         raise NotImplementedError
 
+    @property
+    def constrain_decoder(self) -> bool:
+        """Whether the trainer keeps decoder rows unit-norm (families whose penalty uses the norms opt out)."""
+        return True
+
+    def reset_latent_params(self, idx: torch.Tensor) -> None:
+        """Per-latent parameters other than W_enc/W_dec back to their initial values (default 0)."""
+        for name, p in self.named_parameters():
+            if name not in ("b_pre", "W_enc", "W_dec"):
+                p[idx] = 0.0
+
     # --- shared ----------------------------------------------------------------------------
+    def latent_parameters(self) -> list[str]:
+        """Names of the parameters indexed by latent along dim 0 (all but b_pre)."""
+        return [name for name, _ in self.named_parameters() if name != "b_pre"]
+
     def reset_parameters(self, tied: bool, generator: torch.Generator) -> None:
+        """Unit-norm random decoder rows; encoder tied to them (W_enc = W_dec^T in the paper's layout) or
+        torch's nn.Linear default U(-1/sqrt(d), 1/sqrt(d)); every other parameter at its initial value."""
         with torch.no_grad():
             self.W_dec.copy_(torch.randn(self.W_dec.shape, generator=generator))
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
             self.b_pre.zero_()
-        self.init_encoder(tied, generator)
+            if tied:
+                self.W_enc.copy_(self.W_dec)
+            else:
+                bound = 1 / math.sqrt(self.cfg.d_in)
+                self.W_enc.copy_(torch.rand(self.W_enc.shape, generator=generator) * 2 * bound - bound)
+            self.reset_latent_params(torch.arange(self.cfg.n_latents))
+
+    @torch.no_grad()
+    def reinit_latents(self, idx: torch.Tensor, directions: torch.Tensor, encoder_norm: float) -> None:
+        """Resampling (Bricken et al. 2023): decoder rows to the given unit directions, encoder rows to the
+        same directions at `encoder_norm`, other per-latent parameters to their initial values."""
+        self.W_dec[idx] = directions.to(self.W_dec.dtype)
+        self.W_enc[idx] = (directions * encoder_norm).to(self.W_enc.dtype)
+        self.reset_latent_params(idx)
 
     def decode(self, code: Code) -> torch.Tensor:
         if isinstance(code, SparseCode):

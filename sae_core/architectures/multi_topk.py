@@ -39,8 +39,9 @@ class MultiTopK(TopK):
 
     def reconstruction_loss(self, x, code: SparseCode, ctx: StepContext, terms: dict):
         k = self.cfg.k
-        x_hat = self.decode(SparseCode(code.idx[:, :k], code.vals[:, :k]))
+        top_k = SparseCode(code.idx[:, :k], code.vals[:, :k])  # the wide code is sorted: its prefix is TopK(k)
+        x_hat = self.decode(top_k)
         main = fvu_loss(x, x_hat, ctx.mse_scale)
         wide = fvu_loss(x, self.decode(code), ctx.mse_scale)
         terms["mse_loss"], terms["multi_mse_loss"] = main.detach(), wide.detach()
-        return main + self.cfg.multi_coeff * wide, x_hat, [k, code.idx.shape[1]]
+        return main + self.cfg.multi_coeff * wide, top_k, x_hat, [k, code.idx.shape[1]]

@@ -54,18 +54,10 @@ class TopK(Architecture):
 
     def __init__(self, cfg: TopKConfig):
         super().__init__(cfg)
-        self.W_enc = nn.Parameter(torch.empty(cfg.n_latents, cfg.d_in))
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents)) if cfg.use_b_enc else None
 
-    def init_encoder(self, tied: bool, generator: torch.Generator) -> None:
-        with torch.no_grad():
-            if tied:
-                self.W_enc.copy_(self.W_dec)
-            else:  # torch's nn.Linear default: U(-1/sqrt(d), 1/sqrt(d))
-                bound = 1 / math.sqrt(self.cfg.d_in)
-                self.W_enc.copy_(torch.rand(self.W_enc.shape, generator=generator) * 2 * bound - bound)
-            if self.b_enc is not None:
-                self.b_enc.zero_()
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x - self.b_pre, self.W_enc, self.b_enc)
 
     def encode_sparse(self, x: torch.Tensor, k: int | None = None) -> SparseCode:
         vals, idx, _, _ = topk_encode(x - self.b_pre, self.W_enc, self.b_enc, k or self.cfg.k)
@@ -74,22 +66,24 @@ class TopK(Architecture):
     def encode(self, x: torch.Tensor) -> SparseCode:
         return self.encode_sparse(x)
 
+    batch_select = False  # BatchTopK selects over the whole batch
+
     def reconstruction_loss(self, x, code: SparseCode, ctx: StepContext, terms: dict):
-        """Main loss from the training code; also the top-k reconstruction and the sizes decoded (for FLOPs)."""
+        """Main loss from the training code; also the inference code, its reconstruction and the number of
+        latents per row in each decode (for FLOPs)."""
         x_hat = self.decode(code)
         loss = fvu_loss(x, x_hat, ctx.mse_scale)
         terms["mse_loss"] = loss.detach()
-        return loss, x_hat, [code.idx.shape[1]]
+        return loss, code, x_hat, [self.cfg.k]
 
     def loss(self, x: torch.Tensor, ctx: StepContext) -> LossOutput:
         cfg: TopKConfig = self.cfg
         dead = ctx.dead_latents if cfg.aux_coeff > 0 and ctx.dead_latents is not None else None
         k_aux = min(cfg.resolved_k_aux, len(dead)) if dead is not None else 0
         vals, idx, aux_vals, aux_idx = topk_encode(
-            x - self.b_pre, self.W_enc, self.b_enc, cfg.encode_k, dead if k_aux else None, k_aux)
-        code = SparseCode(idx[:, : cfg.k], vals[:, : cfg.k])
+            x - self.b_pre, self.W_enc, self.b_enc, cfg.encode_k, dead if k_aux else None, k_aux, self.batch_select)
         terms: dict[str, torch.Tensor] = {}
-        loss, x_hat, decoded = self.reconstruction_loss(x, SparseCode(idx, vals), ctx, terms)
+        loss, code, x_hat, decoded = self.reconstruction_loss(x, SparseCode(idx, vals), ctx, terms)
         if k_aux:
             e = (x - x_hat).detach()
             e_hat = sparse_decode(aux_idx, aux_vals, self.W_dec)
@@ -100,6 +94,7 @@ class TopK(Architecture):
             decoded.append(k_aux)
         d, n, B = cfg.d_in, cfg.n_latents, x.shape[0]
         # dense encoder forward; per selected entry 4d in the encoder backward (weight + input
-        # gradients) and 6d per decoded entry (forward, value gradient, weight gradient).
+        # gradients) and 6d per decoded entry (forward, value gradient, weight gradient). BatchTopK
+        # selects k per row on average, so the same count holds.
         flops = B * (2 * d * n + 4 * d * (cfg.encode_k + k_aux) + 6 * d * sum(decoded))
         return LossOutput(loss=loss, code=code, flops=float(flops), terms=terms)

@@ -12,11 +12,30 @@ import torch.nn.functional as F
 from sae_core.kernels.sparse_rows import rows_combine, rows_dot, rows_scatter
 
 
+def _batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k*B entries of the whole batch (BatchTopK), laid out as rows padded with zeros to the widest row,
+    so the per-row kernels serve it unchanged: a padded slot has value 0 and so no effect and no gradient."""
+    B, n = pre.shape
+    vals, flat = pre.flatten().topk(k * B, sorted=False)
+    rows, cols = flat // n, flat % n
+    order = torch.argsort(rows, stable=True)
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    counts = torch.bincount(rows, minlength=B)
+    pos = torch.arange(rows.numel(), device=pre.device) - (counts.cumsum(0) - counts)[rows]
+    width = max(int(counts.max()), 1)
+    idx = torch.zeros(B, width, dtype=torch.int64, device=pre.device).index_put_((rows, pos), cols)
+    out = pre.new_zeros(B, width).index_put_((rows, pos), vals)
+    return out, idx
+
+
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k, aux_latents, k_aux):
+    def forward(ctx, x, W_enc, b_enc, k, aux_latents, k_aux, batch):
         pre = F.linear(x, W_enc, b_enc)
-        vals, idx = pre.topk(k, dim=-1, sorted=True)  # sorted: Multi-TopK reads the top-k as a prefix of the top-4k
+        if batch:
+            vals, idx = _batch_topk(pre.relu_(), k)
+        else:
+            vals, idx = pre.topk(k, dim=-1, sorted=True)  # sorted: Multi-TopK reads the top-k as a prefix of the top-4k
         vals = vals.to(W_enc.dtype).relu_()
         if aux_latents is not None and k_aux > 0:
             # AuxK looks only at dead latents: select their columns rather than masking all n.
@@ -46,7 +65,7 @@ class _TopKEncode(torch.autograd.Function):
         grad_b = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = torch.zeros(n, dtype=W.dtype, device=W.device).index_add_(0, I.reshape(-1), G.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None, None
+        return grad_x, grad_W, grad_b, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -64,13 +83,15 @@ class _SparseDecode(torch.autograd.Function):
         return None, grad_vals, grad_W
 
 
-def topk_encode(x, W_enc, b_enc, k: int, aux_latents: torch.Tensor | None = None, k_aux: int = 0):
+def topk_encode(x, W_enc, b_enc, k: int, aux_latents: torch.Tensor | None = None, k_aux: int = 0,
+                batch: bool = False):
     """ReLU(TopK(x W_enc^T + b_enc)) as (vals, idx) [B, k], plus the AuxK code over `aux_latents`.
 
     `aux_latents` holds the indices of dead latents; the aux code is the top-`k_aux` of their
     pre-activations (k_aux <= len(aux_latents)). Without it the aux outputs have k = 0 columns.
+    batch=True selects the top k*B of the whole batch instead (BatchTopK); rows are then padded.
     """
-    return _TopKEncode.apply(x, W_enc, b_enc, k, aux_latents, k_aux)
+    return _TopKEncode.apply(x, W_enc, b_enc, k, aux_latents, k_aux, batch)
 
 
 def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,49 @@
+"""ReLU SAE with an L1 penalty (Bricken et al. 2023; Gao et al. 2024 eq. 1 as the baseline):
+z = ReLU(W_enc (x - b_pre) + b_enc), loss = FVU(x, x_hat) + L1 penalty (sparsity.py).
+
+Defaults follow Gao et al.'s baselines: resample dead latents 4 times in training (appendix B.2),
+l1_coeff in the middle of their grid; l1_decoder_norm switches to their GPT-4 setting (decoder norms in
+the penalty, no unit-norm constraint, Conerly et al. 2024).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sae_core.architectures.base import Architecture, LossOutput, StepContext, fvu_loss, register
+from sae_core.architectures.sparsity import L1Config, dense_flops, l1_penalty
+
+
+class ReLUConfig(L1Config):
+    arch: Literal["relu"] = "relu"
+
+
+@register
+class ReLU(Architecture):
+    name = "relu"
+    Config = ReLUConfig
+    default_resamples = 4
+
+    def __init__(self, cfg: ReLUConfig):
+        super().__init__(cfg)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
+
+    @property
+    def constrain_decoder(self) -> bool:
+        return not self.cfg.l1_decoder_norm
+
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x - self.b_pre, self.W_enc, self.b_enc)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.preactivation(x).relu()
+
+    def loss(self, x: torch.Tensor, ctx: StepContext) -> LossOutput:
+        z = self.encode(x)
+        mse = fvu_loss(x, self.decode(z), ctx.mse_scale)
+        l1 = l1_penalty(z, self.W_dec, self.cfg, ctx)
+        return LossOutput(loss=mse + l1, code=z, flops=dense_flops(self.cfg.d_in, self.cfg.n_latents, x.shape[0]),
+                          terms={"mse_loss": mse.detach(), "l1_loss": l1.detach()})
