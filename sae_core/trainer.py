@@ -189,9 +189,10 @@ class Trainer:
                 break
             if st.step in sample_at:
                 m, _ = self._evaluate(sae, curve_x, session.ema, st.step)
-                row = {"step": st.step, "tokens": st.tokens, "flops": st.flops, "nmse": m["nmse"], "l0": m["l0"],
-                       "dead_frac": session.dead_frac(), "lr": session.lr,
-                       **{k: float(v) for k, v in out.terms.items()}}
+                # loss terms first: a family's term can never shadow a held-out column of the same name
+                row = {**{k: float(v) for k, v in out.terms.items()},
+                       "step": st.step, "tokens": st.tokens, "flops": st.flops, "nmse": m["nmse"], "l0": m["l0"],
+                       "dead_frac": session.dead_frac(), "lr": session.lr}
                 st.curve.append({**row, **(curve_metrics(sae, row) if curve_metrics else {})})
             if st.step % every == 0 or st.step == stop_at:
                 session.checkpoint()

@@ -1,5 +1,7 @@
-"""Multi-TopK (Gao et al. 2024, 5.3.1): L(k) + L(multi_k_factor * k) * multi_coeff, default L(k) + L(4k)/8.
+"""Multi-TopK (Gao et al. 2024, section 5.3.1): L(k) + multi_coeff * L(multi_k_factor * k).
 
+Defaults multi_k_factor = 4, multi_coeff = 1/8: the paper's L(k) + L(4k)/8, "enough to obtain a
+progressive code over all k'". Inference (and L0) uses TopK(k); the AuxK settings are TopK's.
 One forward selects the top 4k latents; the top k are its prefix, so both codes come from one top-k.
 Training this way makes the code progressive: TopK(k') at test time keeps improving past k.
 """

@@ -1,4 +1,10 @@
-"""TopK SAE (Gao et al. 2024): z = ReLU(TopK(W_enc (x - b_pre) + b_enc)), with the AuxK loss.
+"""TopK SAE (Gao et al. 2024, eq. 2 with the reference code's latent bias and ReLU):
+z = ReLU(TopK_k(W_enc (x - b_pre) + b_enc)), x_hat = W_dec^T z + b_pre, loss = FVU + aux_coeff * AuxK.
+
+Defaults: k = 32, the k of the paper's released GPT-2 SAEs and of most of its sweeps; k_aux = the power
+of two nearest d_in / 2 and aux_coeff = 1/32 (appendix B.1: "not extremely sensitive"); use_b_enc = true
+as in the reference code (appendix C.3: b_enc does not change the converged loss, removing it makes
+TopK a per-example-threshold JumpReLU and converges slightly slower).
 
 AuxK reconstructs the detached residual e = x - x_hat from the top-k_aux pre-activations among dead
 latents, ê = W_dec z_aux, and adds aux_coeff * ||e - ê||^2 / ||e - mean(e)||^2. Its normaliser is
