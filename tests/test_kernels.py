@@ -112,3 +112,19 @@ def test_batch_topk_keeps_exactly_k_times_b_and_matches_dense_grads():
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-9)
+
+
+def test_batch_topk_candidate_bound_is_exact_including_a_dominant_row():
+    from sae_core.kernels.sparse_sae import _batch_topk
+    pre = torch.randn(64, 500, generator=torch.Generator().manual_seed(3)).relu()
+    for case in ("spread", "one row dominates"):
+        if case == "one row dominates":
+            # row 7 holds far more than 4k of the batch's top k*B (distinct values: no ties to break)
+            pre[7] = 100.0 + torch.rand(500, generator=torch.Generator().manual_seed(4))
+        vals, idx = _batch_topk(pre, 4)
+        got = torch.zeros_like(pre).index_put_((torch.arange(64)[:, None].expand_as(idx), idx), vals, accumulate=True)
+        keep = pre.flatten().topk(4 * 64).indices
+        ref = torch.zeros(64 * 500).index_put_((keep,), pre.flatten()[keep]).view(64, 500)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0, msg=case)
+        if case == "one row dominates":
+            assert int((vals[7] > 0).sum()) > 16

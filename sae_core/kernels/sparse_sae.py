@@ -14,12 +14,23 @@ from sae_core.kernels.sparse_rows import rows_combine, rows_dot, rows_scatter
 
 def _batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top k*B entries of the whole batch (BatchTopK), laid out as rows padded with zeros to the widest row,
-    so the per-row kernels serve it unchanged: a padded slot has value 0 and so no effect and no gradient."""
+    so the per-row kernels serve it unchanged: a padded slot has value 0 and so no effect and no gradient.
+
+    A top-k over all B*n entries costs 12x a per-row one (1.2 s at B=4096, n=24576 here). Instead: the
+    (k*B)-th largest of each row's top 4k is a lower bound on the batch's cut (the candidates are a subset),
+    so every kept entry is among those >= it; they are few, and the exact top k*B is taken among them.
+    `pre` is non-negative (after ReLU); zeros are never kept, since they would be inactive anyway.
+    """
     B, n = pre.shape
-    vals, flat = pre.flatten().topk(k * B, sorted=False)
-    rows, cols = flat // n, flat % n
-    order = torch.argsort(rows, stable=True)
-    rows, cols, vals = rows[order], cols[order], vals[order]
+    m = k * B
+    candidates = pre.topk(min(n, 4 * k), dim=-1, sorted=False).values.flatten()
+    cut = candidates.topk(min(m, candidates.numel()), sorted=False).values.min()
+    rows, cols = (pre >= cut if cut > 0 else pre > 0).nonzero(as_tuple=True)  # row-major: rows sorted
+    vals = pre[rows, cols]
+    if vals.numel() > m:  # rows with more than 4k entries above the bound, or ties at it
+        vals, keep = vals.topk(m, sorted=False)
+        keep = keep.sort().values  # back to row-major order
+        rows, cols, vals = rows[keep], cols[keep], pre[rows[keep], cols[keep]]
     counts = torch.bincount(rows, minlength=B)
     pos = torch.arange(rows.numel(), device=pre.device) - (counts.cumsum(0) - counts)[rows]
     width = max(int(counts.max()), 1)
