@@ -1,3 +1,55 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub: everything loads from disk
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
 import torch
 
 torch.set_num_threads(2)
+
+TINY_TEXT = [
+    "Sparse autoencoders decompose activations into features. " * 3,
+    "The residual stream carries information between layers of a transformer.",
+    "def f(x):\n    return x * 2  # a docstring-like snippet with code",
+    "Scaling laws relate loss to the number of latents and to compute.",
+] * 20
+
+
+def build_tokenizer():
+    """A small GPT-2-style byte-level BPE tokenizer trained here: no hub needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TINY_TEXT, trainer)
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Randomly initialised 3-layer GPT-2 and GPT-NeoX saved with a tokenizer, as `save_pretrained` writes them."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
+
+    tok = build_tokenizer()
+    vocab = len(tok)
+    configs = {
+        "gpt2": GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=vocab, n_positions=128,
+                           bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id),
+        "neox": GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                              vocab_size=vocab, max_position_embeddings=128,
+                              bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id),
+    }
+    out = {}
+    for kind, cfg in configs.items():
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(kind)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        out[kind] = folder
+    return out
