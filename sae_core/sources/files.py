@@ -152,19 +152,30 @@ class FileSource(ActivationSource):
     """Rows of activation files concatenated in order, split into a fixed held-out eval set and a training
     stream of endless epochs, epoch e being a permutation of the training rows seeded by (seed, e)."""
 
-    def __init__(self, paths, n_eval: int = 8192, seed: int = 0):
+    def __init__(self, paths, n_eval: int = 8192, seed: int = 0, eval_paths=None):
+        """eval_paths: files holding the held-out set (all their rows); then every row of `paths` trains and
+        n_eval is ignored. Otherwise n_eval rows of `paths` are held out."""
         check_arg(is_int(n_eval) and n_eval >= 1, "n_eval", "an integer >= 1", n_eval)
         check_arg(is_int(seed) and seed >= 0, "seed", "an integer >= 0", seed)
         self.seed = int(seed)
         self._shards = [_open(path) for path in _expand(paths)]
+        eval_shards = [_open(path) for path in _expand(eval_paths)] if eval_paths is not None else []
         first = self._shards[0]
-        for shard in self._shards[1:]:
+        for shard in self._shards[1:] + eval_shards:
             if shard.data.shape[1] != first.data.shape[1]:
                 raise DataError(f"{shard.path}: d_in {shard.data.shape[1]} differs from d_in "
                                 f"{first.data.shape[1]} of {first.path}; all files must have the same d_in")
         self.d_in = first.data.shape[1]
         self._starts = np.cumsum([0] + [len(shard.data) for shard in self._shards])
         self.n_rows = int(self._starts[-1])
+        self._eval: torch.Tensor | None = None
+        self._epochs: dict[int, np.ndarray] = {}
+        if eval_shards:
+            self._eval = torch.from_numpy(np.concatenate([s.take(np.arange(len(s.data))) for s in eval_shards]))
+            self._eval_rows = np.empty(0, np.int64)
+            self._train_rows = np.arange(self.n_rows)
+            self.n_train = self.n_rows
+            return
         if self.n_rows < n_eval + 1:
             more = f" (and {len(self._shards) - 1} more files)" if len(self._shards) > 1 else ""
             raise DataError(f"{first.path}{more}: {self.n_rows} rows in total, but n_eval={n_eval} needs at "
@@ -172,8 +183,6 @@ class FileSource(ActivationSource):
         self.n_train = self.n_rows - n_eval
         self._eval_rows = np.sort(np.random.default_rng(_SPLIT_SEED).choice(self.n_rows, n_eval, replace=False))
         self._train_rows = np.delete(np.arange(self.n_rows), self._eval_rows)
-        self._epochs: dict[int, np.ndarray] = {}
-        self._eval: torch.Tensor | None = None
 
     def _epoch_rows(self, epoch: int) -> np.ndarray:
         rows = self._epochs.get(epoch)
