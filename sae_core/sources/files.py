@@ -28,11 +28,12 @@ class _Shard:
     data: np.ndarray  # [rows, d_in]: a memmap, or an in-memory float32 array for parquet
     bf16: bool = False
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        block = self.data[rows]
-        if self.bf16:  # bfloat16 is the high half of a float32
-            return (block.astype(np.uint32) << 16).view(np.float32)
-        return block.astype(np.float32, copy=False)
+    def take(self, rows: np.ndarray) -> torch.Tensor:
+        """float32 rows; torch converts half precision with SIMD, several times faster than numpy's astype."""
+        block = torch.from_numpy(np.ascontiguousarray(self.data[rows]))
+        if self.bf16:  # stored as uint16: the high half of a float32
+            return block.view(torch.int16).view(torch.bfloat16).float()
+        return block.float()
 
 
 def _check_shape(path: str, shape: tuple, what: str = "array") -> None:
@@ -171,7 +172,7 @@ class FileSource(ActivationSource):
         self._eval: torch.Tensor | None = None
         self._epochs: dict[int, np.ndarray] = {}
         if eval_shards:
-            self._eval = torch.from_numpy(np.concatenate([s.take(np.arange(len(s.data))) for s in eval_shards]))
+            self._eval = torch.cat([s.take(np.arange(len(s.data))) for s in eval_shards])
             self._eval_rows = np.empty(0, np.int64)
             self._train_rows = np.arange(self.n_rows)
             self.n_train = self.n_rows
@@ -197,11 +198,12 @@ class FileSource(ActivationSource):
         order = np.argsort(rows, kind="stable")
         ordered = rows[order]  # sorted reads are much faster on a memmap
         cuts = np.searchsorted(ordered, self._starts)
-        parts = [shard.take(ordered[a:b] - start)
-                 for shard, start, a, b in zip(self._shards, self._starts, cuts[:-1], cuts[1:])]
-        out = np.empty((len(rows), self.d_in), np.float32)
-        out[order] = np.concatenate(parts)
-        return torch.from_numpy(out)
+        out = torch.empty(len(rows), self.d_in)
+        dest = torch.from_numpy(order)
+        for shard, start, a, b in zip(self._shards, self._starts, cuts[:-1], cuts[1:]):
+            if b > a:
+                out[dest[a:b]] = shard.take(ordered[a:b] - start)
+        return out
 
     def train_batch(self, step: int, batch_size: int) -> torch.Tensor:
         epoch, offset = np.divmod(np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64), self.n_train)
