@@ -64,14 +64,16 @@ def main() -> None:
         with torch.inference_mode():
             lm.model(input_ids=ids, output_hidden_states=True)
 
+    early, last, every = (ActivationExtractor(lm.model, "resid_post", layers)
+                          for layers in ([args.layer], [n_layers - 1], list(range(n_layers))))
     methods = {"plain forward, output_hidden_states": plain,
-               f"extractor, layer {args.layer} (early exit)": lambda: ActivationExtractor(lm.model, "resid_post", [args.layer])(ids),
-               f"extractor, layer {n_layers - 1} (last)": lambda: ActivationExtractor(lm.model, "resid_post", [n_layers - 1])(ids),
-               f"extractor, all {n_layers} layers": lambda: ActivationExtractor(lm.model, "resid_post", list(range(n_layers)))(ids)}
+               f"extractor, layer {args.layer} (early exit)": lambda: early(ids),
+               f"extractor, layer {n_layers - 1} (last)": lambda: last(ids),
+               f"extractor, all {n_layers} layers": lambda: every(ids)}
     times = {m: [] for m in methods}
     for _ in range(args.reps):
         for name, fn in methods.items():
-            times[name].append(best_of(fn, 1))
+            times[name].append(best_of(fn, 3))
     print(f"{args.model}: {n_layers} layers, d {lm.model.config.hidden_size}, batch {args.rows} x {args.ctx} tokens, "
           f"{torch.get_num_threads()} threads\n")
     print(f"{'generation':<44} {'tokens/s':>10} {'x plain':>8}")

@@ -37,8 +37,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sae_core.architectures.base import Architecture, LossOutput, StepContext, fvu_loss, register
-from sae_core.architectures.sparsity import L1Config, dense_flops, l1_penalty
+from sae_core.architectures.base import LossOutput, StepContext, fvu_loss, register
+from sae_core.architectures.sparsity import L1Config, L1Family, dense_flops, l1_penalty
 
 
 class GatedConfig(L1Config):
@@ -46,20 +46,15 @@ class GatedConfig(L1Config):
 
 
 @register
-class Gated(Architecture):
+class Gated(L1Family):
     name = "gated"
     Config = GatedConfig
-    default_resamples = 4
 
     def __init__(self, cfg: GatedConfig):
         super().__init__(cfg)
         self.b_gate = nn.Parameter(torch.zeros(cfg.n_latents))
         self.r_mag = nn.Parameter(torch.zeros(cfg.n_latents))
         self.b_mag = nn.Parameter(torch.zeros(cfg.n_latents))
-
-    @property
-    def constrain_decoder(self) -> bool:
-        return not self.cfg.l1_decoder_norm
 
     def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Row i of the magnitude encoder is exp(r_mag_i) W_gate,i, so both paths share one matmul and the

@@ -28,8 +28,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sae_core.architectures.base import Architecture, LossOutput, StepContext, fvu_loss, register
-from sae_core.architectures.sparsity import L1Config, dense_flops, l1_penalty
+from sae_core.architectures.base import LossOutput, StepContext, fvu_loss, register
+from sae_core.architectures.sparsity import L1Config, L1Family, dense_flops, l1_penalty
 
 ProLUGradient = Literal["ste", "relu"]
 
@@ -67,18 +67,13 @@ def prolu(m: torch.Tensor, b: torch.Tensor, mode: str = "ste") -> torch.Tensor:
 
 
 @register
-class ProLU(Architecture):
+class ProLU(L1Family):
     name = "prolu"
     Config = ProLUConfig
-    default_resamples = 4
 
     def __init__(self, cfg: ProLUConfig):
         super().__init__(cfg)
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
-
-    @property
-    def constrain_decoder(self) -> bool:
-        return not self.cfg.l1_decoder_norm
 
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
         # m, not m + b: active latents take m's value, so a test-time TopK/JumpReLU acts on m

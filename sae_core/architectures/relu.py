@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae_core.architectures.base import Architecture, LossOutput, StepContext, fvu_loss, register
-from sae_core.architectures.sparsity import L1Config, dense_flops, l1_penalty
+from sae_core.architectures.base import LossOutput, StepContext, fvu_loss, register
+from sae_core.architectures.sparsity import L1Config, L1Family, dense_flops, l1_penalty
 
 
 class ReLUConfig(L1Config):
@@ -22,18 +22,13 @@ class ReLUConfig(L1Config):
 
 
 @register
-class ReLU(Architecture):
+class ReLU(L1Family):
     name = "relu"
     Config = ReLUConfig
-    default_resamples = 4
 
     def __init__(self, cfg: ReLUConfig):
         super().__init__(cfg)
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
-
-    @property
-    def constrain_decoder(self) -> bool:
-        return not self.cfg.l1_decoder_norm
 
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x - self.b_pre, self.W_enc, self.b_enc)

@@ -15,7 +15,7 @@ import math
 import torch
 from pydantic import Field
 
-from sae_core.architectures.base import SAEConfig, StepContext
+from sae_core.architectures.base import Architecture, SAEConfig, StepContext
 
 
 class L1Config(SAEConfig):
@@ -35,3 +35,14 @@ def l1_penalty(z: torch.Tensor, W_dec: torch.Tensor, cfg: L1Config, ctx: StepCon
 def dense_flops(d_in: int, n_latents: int, batch: int, matmuls: int = 2) -> float:
     """Each dense [B, d] x [d, n] matmul costs 2Bdn forward and 4Bdn backward (weight and input gradients)."""
     return float(6 * d_in * n_latents * batch * matmuls)
+
+
+class L1Family(Architecture):
+    """What every L1-penalised family shares: dead latents are resampled 4 times in training (Gao et al.
+    appendix B.2), and the unit-norm decoder constraint is dropped when the penalty carries the norms."""
+
+    default_resamples = 4
+
+    @property
+    def constrain_decoder(self) -> bool:
+        return not self.cfg.l1_decoder_norm
