@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import math
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -177,7 +176,3 @@ class ActivationCache:
             return self.layer_source(layer, seed)
         return MultiLayerSource([self.layer_source(layer, seed) for layer in self.spec.layers], list(self.spec.layers))
 
-
-def tokens_needed(train_tokens: int, eval_tokens: int, valid_fraction: float = 0.9) -> int:
-    """Tokens to pack so that, after excluding special tokens, train + eval vectors remain (with margin)."""
-    return math.ceil((train_tokens + eval_tokens) / valid_fraction)

@@ -1,6 +1,9 @@
 import os
+import tempfile
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub: everything loads from disk
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# token rows, the embedded corpus and activation caches go to a fresh folder, never the user's home cache
+os.environ.setdefault("SAE_SCALING_CACHE", tempfile.mkdtemp(prefix="sae-scaling-test-cache-"))  # tests never reach a hub: everything loads from disk
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest

@@ -1,0 +1,138 @@
+"""From a sweep's `model`, `hook` and `data` settings to the activation sources its runs train on.
+
+Bring-your-own activations (data.activations) become a FileSource. Otherwise the model's activations over
+the text are built once into the activation cache (data.cache, the default) or computed on the fly by
+each run. Everything that can be wrong is checked in `prepare()` before any token is processed: the
+model exists, the layers and site exist in it, the context length fits it, the text source exists.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sae_core.activation_cache import ActivationCache, CacheSpec
+from sae_core.errors import DataError
+from sae_core.lm import SITES, ActivationExtractor, LoadedModel, load_model
+from sae_core.sources.base import ActivationSource
+from sae_core.sources.files import FileSource
+from sae_core.sources.multilayer import MultiLayerSource
+from sae_core.sources.streaming import StreamingActivations
+from sae_core.text import cache_root as text_cache_root
+from sae_core.text.documents import TextSpec
+from sae_core.text.tokens import check_context_length, special_mask, token_rows
+
+Site = Literal[SITES]  # type: ignore[valid-type]
+
+
+class HookConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    site: Site = "resid_post"
+    layers: list[int] | Literal["all"] = [0]
+    multi_layer: bool = False  # one SAE over every hooked layer (Lawson et al.), else one per layer
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: TextSpec | None = None
+    activations: str | list[str] | None = None  # [N, d_in] .npy / .safetensors / .parquet, instead of model + text
+    context_length: int = Field(64, ge=2)  # Gao et al. train on 64-token contexts
+    train_tokens: int = Field(ge=1)  # vectors seen per run
+    eval_tokens: int = Field(8192, ge=1)  # held out, never trained on
+    cache: bool = True  # False: activations computed on the fly by each run
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    drop_first: int = Field(0, ge=0)  # positions dropped at the start of every row (besides special tokens)
+    prepend_bos: bool = False  # causal LMs: start every row with BOS (it is never a training vector)
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    batch_rows: int = Field(16, ge=1)  # token rows per forward pass
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.text is None) == (self.activations is None):
+            raise ValueError("give exactly one of data.text (with model) or data.activations")
+        return self
+
+
+class ActivationData:
+    """The activations a sweep trains on: prepared once by the driver, read by every run."""
+
+    def __init__(self, model: str | None, hook: HookConfig, data: DataConfig, cache_root: str | Path | None = None):
+        """cache_root: where activation caches go; default the toolkit's cache root (sae_core.text.cache_root)."""
+        if data.text is not None and not model:
+            raise DataError("model: required with data.text (a hub id, a local folder, or `embedded`)")
+        self.model_name, self.hook, self.data = model, hook, data
+        self.cache_root = Path(cache_root) if cache_root is not None else text_cache_root()
+        self.layers: list[int] = [] if hook.layers == "all" else list(hook.layers)
+        self._lm: LoadedModel | None = None
+
+    def _device(self) -> str:
+        dev = self.data.device
+        return ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
+
+    def _load(self) -> LoadedModel:
+        if self._lm is None:
+            self._lm = load_model(self.model_name, self.data.model_dtype, self._device())
+        return self._lm
+
+    def _rows(self, lm: LoadedModel):
+        """Packed token rows with enough usable (non-special, non-dropped) positions for train + eval,
+        and their exclusion mask. How many positions the separators take depends on the documents'
+        lengths, so the request grows until it suffices (the token cache makes a retry cheap)."""
+        need = self.data.train_tokens + self.data.eval_tokens
+        ctx = self.data.context_length
+        n = math.ceil(need * 1.1) + ctx
+        while True:
+            rows = token_rows(lm.tokenizer, self.data.text, ctx, n, self.data.prepend_bos)
+            excluded = special_mask(rows, lm.tokenizer, self.data.drop_first)
+            have = int((~excluded).sum())
+            if have >= need:
+                return rows, excluded
+            n = math.ceil(n * need / max(have, 1) * 1.05) + ctx
+
+    def cache(self) -> ActivationCache:
+        spec = CacheSpec(model=self.model_name, model_dtype=self.data.model_dtype, site=self.hook.site,
+                         layers=tuple(self.layers), text_key=self.data.text.key(),
+                         context_length=self.data.context_length, drop_first=self.data.drop_first,
+                         prepend_bos=self.data.prepend_bos, train_tokens=self.data.train_tokens,
+                         eval_tokens=self.data.eval_tokens, store_dtype=self.data.cache_dtype)
+        return ActivationCache(self.cache_root, spec)
+
+    def prepare(self, echo: Callable[[str], None] = lambda s: None) -> "ActivationData":
+        """Validate everything, then build the cache if one is used. Cheap when the cache exists."""
+        if self.data.activations is not None:
+            self.d_in = FileSource(self.data.activations, n_eval=self.data.eval_tokens).d_in
+            return self
+        lm = self._load()
+        check_context_length(lm.model.config, self.data.context_length)
+        if self.hook.layers == "all":
+            self.layers = list(range(ActivationExtractor(lm.model, self.hook.site, [0]).n_layers))
+        extractor = ActivationExtractor(lm.model, self.hook.site, self.layers)  # checks site and layers
+        self.d_in = extractor.d_model
+        if self.data.cache:
+            self.cache().ensure(self._load, self._rows, self.data.batch_rows, echo)
+        return self
+
+    def run_layers(self) -> list[int | None]:
+        """One entry per SAE a grid point trains: each layer, or None for one multi-layer SAE."""
+        return [None] if self.hook.multi_layer or self.data.activations is not None else list(self.layers)
+
+    def source(self, layer: int | None, seed: int = 0) -> ActivationSource:
+        """The training source of one run: one layer, or (None) every hooked layer for a multi-layer SAE."""
+        if self.data.activations is not None:
+            return FileSource(self.data.activations, n_eval=self.data.eval_tokens, seed=seed)
+        if self.data.cache:
+            return self.cache().source(seed=seed, layer=layer)
+        lm = self._load()
+        tokens, excluded = self._rows(lm)
+        extractor = ActivationExtractor(lm.model, self.hook.site, self.layers)
+        return StreamingActivations(extractor, tokens, excluded, self.data.eval_tokens, seed=seed, layer=layer,
+                                    batch_rows=self.data.batch_rows)
+
+
+__all__ = ["ActivationData", "DataConfig", "HookConfig", "MultiLayerSource"]
