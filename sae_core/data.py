@@ -51,6 +51,10 @@ class DataConfig(BaseModel):
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     batch_rows: int = Field(16, ge=1)  # token rows per forward pass
+    # rows resident for shuffling (cache and activation files): windows of this many rows read from a few
+    # contiguous blocks, for data larger than memory; None: a full permutation per epoch. On the fly, the
+    # mixing buffer is one step's token rows.
+    shuffle_buffer: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -125,9 +129,10 @@ class ActivationData:
     def source(self, layer: int | None, seed: int = 0) -> ActivationSource:
         """The training source of one run: one layer, or (None) every hooked layer for a multi-layer SAE."""
         if self.data.activations is not None:
-            return FileSource(self.data.activations, n_eval=self.data.eval_tokens, seed=seed)
+            return FileSource(self.data.activations, n_eval=self.data.eval_tokens, seed=seed,
+                              shuffle_buffer=self.data.shuffle_buffer)
         if self.data.cache:
-            return self.cache().source(seed=seed, layer=layer)
+            return self.cache().source(seed=seed, layer=layer, shuffle_buffer=self.data.shuffle_buffer)
         lm = self._load()
         tokens, excluded = self._rows(lm)
         extractor = ActivationExtractor(lm.model, self.hook.site, self.layers)

@@ -32,6 +32,9 @@ def test_cached_per_layer_and_multi_layer_sources(tiny_models, tmp_path, corpus)
     assert acts.d_in == 32 and acts.run_layers() == [0, 2]
     src = acts.source(2, seed=1)
     assert src.train_batch(0, 64).shape == (64, 32) and src.eval_set().shape[0] >= 100
+    bounded = make(tiny_models, tmp_path, corpus, shuffle_buffer=64).prepare().source(2, seed=1)
+    assert bounded.shuffle_buffer == 64 and torch.equal(torch.sort(bounded.train_batch(0, bounded.n_rows), 0)[0],
+                                                        torch.sort(src.train_batch(0, src.n_rows), 0)[0])
     multi = make(tiny_models, tmp_path, corpus, hook={"layers": [0, 2], "multi_layer": True}).prepare()
     assert multi.run_layers() == [None] and isinstance(multi.source(None), MultiLayerSource)
 

@@ -304,3 +304,20 @@ def test_files_bad_arguments(tmp_path):
         FileSource(tmp_path / "x.npy", n_eval=0)
     with pytest.raises(ConfigError, match="seed"):
         FileSource(tmp_path / "x.npy", n_eval=1, seed=-2)
+
+
+def test_bounded_shuffle_covers_every_row_once_and_reads_few_blocks_per_window(tmp_path):
+    path = tmp_path / "acts.npy"
+    np.save(path, np.arange(5000 * 4, dtype=np.float32).reshape(5000, 4))
+    src = FileSource(path, n_eval=100, seed=1, shuffle_buffer=400)
+    order = src._epoch_order(0)
+    assert np.array_equal(np.sort(order), np.sort(src._train_rows))  # every training row exactly once
+    assert np.array_equal(order, FileSource(path, n_eval=100, seed=1, shuffle_buffer=400)._epoch_order(0))
+    assert not np.array_equal(order, src._epoch_order(1))
+    position = {row: i for i, row in enumerate(src._train_rows)}  # index among training rows
+    blocks = np.array([position[r] for r in order]) // 50  # blocks of 400 / 8 rows
+    for lo in range(0, len(order), 400):
+        assert len(np.unique(blocks[lo:lo + 400])) <= 9  # a window reads from at most 9 contiguous blocks
+    assert len(np.unique(blocks[:400])) >= 5  # and does mix several of them
+    batch = src.train_batch(3, 64)  # still a pure function of the step
+    assert torch.equal(batch, FileSource(path, n_eval=100, seed=1, shuffle_buffer=400).train_batch(3, 64))

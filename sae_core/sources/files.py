@@ -153,12 +153,16 @@ class FileSource(ActivationSource):
     """Rows of activation files concatenated in order, split into a fixed held-out eval set and a training
     stream of endless epochs, epoch e being a permutation of the training rows seeded by (seed, e)."""
 
-    def __init__(self, paths, n_eval: int = 8192, seed: int = 0, eval_paths=None):
+    def __init__(self, paths, n_eval: int = 8192, seed: int = 0, eval_paths=None, shuffle_buffer: int | None = None):
         """eval_paths: files holding the held-out set (all their rows); then every row of `paths` trains and
-        n_eval is ignored. Otherwise n_eval rows of `paths` are held out."""
+        n_eval is ignored. Otherwise n_eval rows of `paths` are held out.
+        shuffle_buffer: bound the shuffle to windows of this many rows, for data larger than memory (see
+        `_epoch_order`); None: each epoch is a full permutation."""
         check_arg(is_int(n_eval) and n_eval >= 1, "n_eval", "an integer >= 1", n_eval)
         check_arg(is_int(seed) and seed >= 0, "seed", "an integer >= 0", seed)
-        self.seed = int(seed)
+        check_arg(shuffle_buffer is None or (is_int(shuffle_buffer) and shuffle_buffer >= 1), "shuffle_buffer",
+                  "an integer >= 1 or None", shuffle_buffer)
+        self.seed, self.shuffle_buffer = int(seed), shuffle_buffer
         self._shards = [_open(path) for path in _expand(paths)]
         eval_shards = [_open(path) for path in _expand(eval_paths)] if eval_paths is not None else []
         first = self._shards[0]
@@ -185,10 +189,26 @@ class FileSource(ActivationSource):
         self._eval_rows = np.sort(np.random.default_rng(_SPLIT_SEED).choice(self.n_rows, n_eval, replace=False))
         self._train_rows = np.delete(np.arange(self.n_rows), self._eval_rows)
 
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The training rows in epoch `epoch`'s order. With a shuffle_buffer W: blocks of W/8 contiguous rows
+        in a random order, then rows shuffled within each window of W consecutive positions. A window draws
+        from at most 9 blocks, so a batch's reads are near-sequential and only about W rows of the data need
+        be resident; vectors still mix across the whole file over an epoch, and any position stays
+        computable (exact resume)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        rows, window = self._train_rows, self.shuffle_buffer
+        if window is None or window >= len(rows):
+            return rng.permutation(rows)
+        block = max(1, window // 8)
+        order = np.concatenate([rows[s:s + block] for s in rng.permutation(np.arange(0, len(rows), block))])
+        for lo in range(0, len(order), window):
+            rng.shuffle(order[lo:lo + window])
+        return order
+
     def _epoch_rows(self, epoch: int) -> np.ndarray:
         rows = self._epochs.get(epoch)
         if rows is None:
-            rows = np.random.default_rng([self.seed, epoch]).permutation(self._train_rows)
+            rows = self._epoch_order(epoch)
             if len(self._epochs) >= 2:  # a batch straddles at most two epochs unless batch_size > n_train
                 del self._epochs[next(iter(self._epochs))]
             self._epochs[epoch] = rows
