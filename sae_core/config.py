@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sae_core.errors import ConfigError, format_pydantic_error
+from sae_core.errors import validate
 
 Finite = dict(allow_inf_nan=False)
 
@@ -67,9 +67,4 @@ class TrainConfig(BaseModel):
 
 
 def parse_train_config(data: dict | TrainConfig, source: str = "config", prefix: str = "train") -> TrainConfig:
-    if isinstance(data, TrainConfig):
-        return data
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_pydantic_error(err, source, prefix)) from None
+    return validate(TrainConfig, data, source, prefix)

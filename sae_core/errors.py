@@ -4,6 +4,12 @@ The CLI prints the message alone (no traceback) and exits non-zero, so the messa
 """
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+Model = TypeVar("Model", bound=BaseModel)
+
 
 class SAEScalingError(Exception):
     """Base of every error caused by the user's input rather than by a bug."""
@@ -27,3 +33,13 @@ def format_pydantic_error(err, source: str = "config", prefix: str = "") -> str:
         shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
         lines.append(f"{source}: {key or '<top level>'}: {e['msg']}{shown}")
     return "\n".join(lines)
+
+
+def validate(model_cls: type[Model], data: Any, source: str = "config", prefix: str = "") -> Model:
+    """model_cls.model_validate(data), failing with one ConfigError that names the file and each key."""
+    if isinstance(data, model_cls):
+        return data
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_pydantic_error(err, source, prefix)) from None

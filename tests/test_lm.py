@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sae_core.errors import DataError
 from sae_core.lm import ActivationExtractor, load_model

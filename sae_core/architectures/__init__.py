@@ -5,8 +5,6 @@ import importlib
 import pkgutil
 from typing import Any
 
-from pydantic import ValidationError
-
 from sae_core.architectures.base import (
     Architecture,
     Code,
@@ -16,7 +14,7 @@ from sae_core.architectures.base import (
     StepContext,
     registry,
 )
-from sae_core.errors import ConfigError, format_pydantic_error
+from sae_core.errors import ConfigError, validate
 
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":
@@ -42,10 +40,7 @@ def parse_sae_config(data: dict[str, Any] | SAEConfig, source: str = "config", p
         key = ".".join(p for p in (prefix, foreign[0]) if p)
         raise ConfigError(f"{source}: {key}: does not apply to arch {arch!r}; its keys are: "
                           f"{', '.join(config_cls.model_fields)}")
-    try:
-        return config_cls.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_pydantic_error(err, source, prefix)) from None
+    return validate(config_cls, data, source, prefix)
 
 
 def build_architecture(cfg: SAEConfig) -> Architecture:

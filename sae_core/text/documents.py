@@ -21,9 +21,9 @@ from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from sae_core.errors import ConfigError, DataError, format_pydantic_error
+from sae_core.errors import DataError, validate
 from sae_core.text.embedded import embedded_corpus_key, embedded_documents
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -71,12 +71,7 @@ class TextSpec(BaseModel):
 
 
 def parse_text_spec(data: dict | TextSpec, source: str = "config", prefix: str = "data.text") -> TextSpec:
-    if isinstance(data, TextSpec):
-        return data
-    try:
-        return TextSpec.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_pydantic_error(err, source, prefix)) from None
+    return validate(TextSpec, data, source, prefix)
 
 
 def _fingerprint(paths: Iterable[str | Path]) -> str:
