@@ -4,37 +4,68 @@ nmse = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (fraction of variance unexpla
 mse  = sum ||x - x_hat||^2 / (N * d_in)          (per element)
 l0   = mean number of nonzero latents per vector;  l1 = mean sum_i |z_i| per vector
 dead_frac_eval = fraction of latents that fire on no vector of the set
+Per latent: frequency (fraction of vectors on which it is active) and mean activation when active.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
+
+from sae_core.io import save_safetensors_atomic
 
 from sae_core.architectures import SparseCode
 from sae_core.sae import SAE
 
 
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    frequency: torch.Tensor  # [n_latents]: fraction of the vectors on which each latent is active
+    mean_activation: torch.Tensor  # [n_latents]: mean value when active (0 if never active)
+
+
 @torch.no_grad()
-def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
+def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> Evaluation:
     device = sae.arch.W_dec.device
     n = sae.cfg.n_latents
     mean = x.to(torch.float64).mean(dim=0).to(device)
-    sq_err = total_var = l0 = l1 = 0.0
-    fired = torch.zeros(n, dtype=torch.bool, device=device)
+    sq_err = total_var = l1 = 0.0
+    counts = torch.zeros(n, dtype=torch.float64, device=device)
+    sums = torch.zeros(n, dtype=torch.float64, device=device)
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device)
         code, stats = sae.encode_code(xb)
         x_hat = sae.decode(code, stats)
         sq_err += float((xb - x_hat).double().pow(2).sum())
         total_var += float((xb.double() - mean).pow(2).sum())
-        z = code.vals if isinstance(code, SparseCode) else code  # never densify a sparse code
-        l0 += float((z != 0).sum())
-        l1 += float(z.abs().double().sum())
-        fired[sae.arch.active_latents(code)] = True
+        if isinstance(code, SparseCode):  # never densify a sparse code
+            active = code.vals != 0
+            counts.index_add_(0, code.idx[active], torch.ones_like(code.vals[active], dtype=torch.float64))
+            sums.index_add_(0, code.idx[active], code.vals[active].double())
+            l1 += float(code.vals.abs().double().sum())
+        else:
+            counts += (code != 0).sum(dim=0)
+            sums += code.double().sum(dim=0)
+            l1 += float(code.abs().double().sum())
     N, d = x.shape
-    return {
+    metrics = {
         "nmse": sq_err / total_var if total_var > 0 else float("nan"),
         "mse": sq_err / (N * d),
-        "l0": l0 / N,
+        "l0": float(counts.sum()) / N,
         "l1": l1 / N,
-        "dead_frac_eval": 1.0 - float(fired.float().mean()),
+        "dead_frac_eval": float((counts == 0).double().mean()),
     }
+    return Evaluation(metrics, (counts / N).float().cpu(), (sums / counts.clamp_min(1)).float().cpu())
+
+
+def save_latent_stats(ev: Evaluation, path: str | Path) -> None:
+    save_safetensors_atomic({"frequency": ev.frequency, "mean_activation": ev.mean_activation}, Path(path))
+
+
+def load_latent_stats(path: str | Path) -> dict[str, torch.Tensor]:
+    """Per-latent held-out statistics saved with an SAE: `frequency` (for density histograms; log10 of it is
+    SAELens's `sparsity`) and `mean_activation` (when active)."""
+    return load_file(str(path))

@@ -22,7 +22,9 @@ from sae_core.checkpoint import STATE_FILE, TrainerState, load_checkpoint, save_
 from sae_core.config import TrainConfig, parse_train_config
 from sae_core.errors import ConfigError
 from sae_core.geometric_median import geometric_median
-from sae_core.metrics import evaluate
+from sae_core.metrics import Evaluation, evaluate, save_latent_stats
+
+LATENT_STATS_FILE = "latent_stats.safetensors"
 from sae_core.normalization import normalize
 from sae_core.sae import SAE
 from sae_core.sources.base import ActivationSource
@@ -133,15 +135,18 @@ class Trainer:
                 for k, p in params.items():
                     p.copy_(saved[k])
 
-    def _evaluate(self, sae: SAE, x: torch.Tensor, ema, step) -> tuple[dict, bool]:
-        """Held-out metrics of the raw weights, or of the EMA weights where they are better (seed 000)."""
+    def _evaluate(self, sae: SAE, x: torch.Tensor, ema, step) -> tuple[Evaluation, bool]:
+        """Held-out evaluation of the raw weights, or of the EMA weights where they are better (seed 000)."""
         raw = evaluate(sae, x, self.cfg.eval_batch_size)
         if not ema:  # empty when EMA is off
             return raw, False
         with self._ema_weights(sae, ema, step):
             averaged = evaluate(sae, x, self.cfg.eval_batch_size)
-        better = averaged["nmse"] < raw["nmse"]
-        return ({**averaged, "nmse_raw": raw["nmse"]} if better else {**raw, "nmse_ema": averaged["nmse"]}), better
+        if averaged.metrics["nmse"] < raw.metrics["nmse"]:
+            averaged.metrics["nmse_raw"] = raw.metrics["nmse"]
+            return averaged, True
+        raw.metrics["nmse_ema"] = averaged.metrics["nmse"]
+        return raw, False
 
     # --- the loop ----------------------------------------------------------------------------
     def start(self) -> "TrainingSession":
@@ -188,7 +193,7 @@ class Trainer:
                 error = f"loss became non-finite at step {st.step} (tokens {st.tokens}); last good checkpoint kept"
                 break
             if st.step in sample_at:
-                m, _ = self._evaluate(sae, curve_x, session.ema, st.step)
+                m = self._evaluate(sae, curve_x, session.ema, st.step)[0].metrics
                 # loss terms first: a family's term can never shadow a held-out column of the same name
                 row = {**{k: float(v) for k, v in out.terms.items()},
                        "step": st.step, "tokens": st.tokens, "flops": st.flops, "nmse": m["nmse"], "l0": m["l0"],
@@ -199,8 +204,8 @@ class Trainer:
 
         if status == "ok" and st.step < total:
             status = "stopped"
-        metrics, ema_used = self._evaluate(sae, eval_x, session.ema, st.step)
-        metrics["dead_frac"] = session.dead_frac()
+        final, ema_used = self._evaluate(sae, eval_x, session.ema, st.step)
+        metrics = {**final.metrics, "dead_frac": session.dead_frac()}
         if ema_used:  # keep the better weights as the run's SAE
             with torch.no_grad():
                 for k, p in sae.arch.named_parameters():
@@ -210,6 +215,7 @@ class Trainer:
                            device=str(self.device), ema_used=ema_used, sae=sae)
         if self.out_dir is not None and status == "ok":
             sae.save(self.out_dir, extra={"train": cfg.model_dump(), "metrics": metrics, "ema_used": ema_used})
+            save_latent_stats(final, self.out_dir / LATENT_STATS_FILE)
         return result
 
 

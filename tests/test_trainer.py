@@ -243,3 +243,19 @@ def test_recovers_ground_truth_features():
     r = Trainer({"arch": "topk", "d_in": 32, "n_latents": 256, "k": 4, "normalization": "none"},
                 {"train_tokens": 400_000, "batch_size": 1024, "lr": 2e-3, "dead_window_tokens": 20_000}, src).run()
     assert mmcs(r.sae.arch.W_dec.detach(), src.features) >= 0.9
+
+
+def test_latent_statistics_are_saved_with_the_sae_and_match_a_dense_reference(tmp_path):
+    from sae_core.metrics import load_latent_stats
+    from sae_core.trainer import LATENT_STATS_FILE
+
+    r = Trainer(topk_cfg(), train_cfg(), SMALL, tmp_path).run()
+    stats = load_latent_stats(tmp_path / LATENT_STATS_FILE)
+    with torch.no_grad():
+        z = SAE.load(tmp_path).encode(SMALL.eval_set()).double()
+    active = z != 0
+    torch.testing.assert_close(stats["frequency"], active.double().mean(0).float())
+    mean_when_active = z.sum(0) / active.sum(0).clamp_min(1)
+    torch.testing.assert_close(stats["mean_activation"], mean_when_active.float())
+    assert r.metrics["dead_frac_eval"] == pytest.approx(float((stats["frequency"] == 0).double().mean()))
+    assert r.metrics["l0"] == pytest.approx(float(stats["frequency"].double().sum()), rel=1e-6)
