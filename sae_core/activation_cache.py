@@ -160,15 +160,21 @@ class ActivationCache:
         info = {"vectors": int(acts.shape[0]), "bytes": path.stat().st_size, "crc32": _crc32(path)}
         _atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info)))
 
-    def layer_source(self, layer: int, seed: int = 0, shuffle_buffer: int | None = None) -> FileSource:
-        """Training vectors of one layer (shuffled per epoch by seed, within windows of shuffle_buffer rows
-        if given) with the cache's held-out split."""
+    def _check_complete(self) -> None:
         if not self.is_complete():
             raise DataError(f"{self.dir}: activation cache incomplete; run the sweep (or ensure()) to build it")
+
+    def _layer_source(self, layer: int, seed: int, shuffle_buffer: int | None) -> FileSource:
         folder = f"layer_{layer:03d}"
         return FileSource(sorted((self.dir / "train" / folder).glob("shard_*.safetensors")), seed=seed,
                           eval_paths=sorted((self.dir / "eval" / folder).glob("shard_*.safetensors")),
                           shuffle_buffer=shuffle_buffer)
+
+    def layer_source(self, layer: int, seed: int = 0, shuffle_buffer: int | None = None) -> FileSource:
+        """Training vectors of one layer (shuffled per epoch by seed, within windows of shuffle_buffer rows
+        if given) with the cache's held-out split. Every shard is verified first: a bad one is never read."""
+        self._check_complete()
+        return self._layer_source(layer, seed, shuffle_buffer)
 
     def source(self, seed: int = 0, layer: int | None = None, shuffle_buffer: int | None = None):
         """One layer's source, or (layer None) the multi-layer source over every cached layer."""
@@ -176,6 +182,6 @@ class ActivationCache:
 
         if layer is not None:
             return self.layer_source(layer, seed, shuffle_buffer)
-        return MultiLayerSource([self.layer_source(layer, seed, shuffle_buffer) for layer in self.spec.layers],
+        self._check_complete()  # once for all layers: it reads every shard
+        return MultiLayerSource([self._layer_source(layer, seed, shuffle_buffer) for layer in self.spec.layers],
                                 list(self.spec.layers))
-

@@ -21,6 +21,7 @@ from sae_core.normalization import TokenStats, denormalize, normalize
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
+LATENT_STATS_FILE = "latent_stats.safetensors"  # written by the trainer beside the weights
 
 
 class SAE(nn.Module):

@@ -23,10 +23,8 @@ from sae_core.config import TrainConfig, parse_train_config
 from sae_core.errors import ConfigError
 from sae_core.geometric_median import geometric_median
 from sae_core.metrics import Evaluation, evaluate, save_latent_stats
-
-LATENT_STATS_FILE = "latent_stats.safetensors"
 from sae_core.normalization import normalize
-from sae_core.sae import SAE
+from sae_core.sae import LATENT_STATS_FILE, SAE
 from sae_core.sources.base import ActivationSource
 
 
@@ -119,15 +117,19 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     # --- evaluation helpers ------------------------------------------------------------------
+    @torch.no_grad()
+    def _load_ema(self, sae: SAE, ema: dict[str, torch.Tensor], step: int) -> None:
+        """Copy the bias-corrected EMA weights (Kingma and Ba's correction, as in seed 000) into the SAE."""
+        correction = 1.0 - self.cfg.ema_decay ** max(step, 1)
+        for k, p in sae.arch.named_parameters():
+            p.copy_(ema[k] / correction)
+
     @contextlib.contextmanager
     def _ema_weights(self, sae: SAE, ema: dict[str, torch.Tensor], step: int):
         """Temporarily load the bias-corrected EMA weights."""
-        correction = 1.0 - self.cfg.ema_decay ** max(step, 1)
         params = dict(sae.arch.named_parameters())
         saved = {k: p.detach().clone() for k, p in params.items()}
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(ema[k] / correction)
+        self._load_ema(sae, ema, step)
         try:
             yield
         finally:
@@ -207,9 +209,7 @@ class Trainer:
         final, ema_used = self._evaluate(sae, eval_x, session.ema, st.step)
         metrics = {**final.metrics, "dead_frac": session.dead_frac()}
         if ema_used:  # keep the better weights as the run's SAE
-            with torch.no_grad():
-                for k, p in sae.arch.named_parameters():
-                    p.copy_(session.ema[k] / (1.0 - cfg.ema_decay ** max(st.step, 1)))
+            self._load_ema(sae, session.ema, st.step)
         result = RunResult(status=status, error=error, metrics=metrics, curve=list(st.curve), steps=st.step,
                            tokens=st.tokens, flops=st.flops, lr=session.base_lr, wall_seconds=time.time() - t_start,
                            device=str(self.device), ema_used=ema_used, sae=sae)
@@ -244,7 +244,7 @@ class TrainingSession:
         proportional to its squared reconstruction loss; its encoder row the same direction at 0.2 x the
         mean alive encoder norm; its Adam moments are zeroed and its dead counter restarts. x is normalised."""
         arch, cfg = self.sae.arch, self.trainer.cfg
-        dead = (self.tokens_since_fired >= cfg.dead_window_tokens).nonzero().squeeze(1)
+        dead = self.dead_mask().nonzero().squeeze(1)
         if not dead.numel():
             return 0
         loss = (x - arch.decode(arch.encode(x))).pow(2).sum(dim=1)
@@ -265,8 +265,12 @@ class TrainingSession:
         self.tokens_since_fired[dead] = 0
         return int(dead.numel())
 
+    def dead_mask(self) -> torch.Tensor:
+        """Latents unfired for dead_window_tokens."""
+        return self.tokens_since_fired >= self.trainer.cfg.dead_window_tokens
+
     def dead_frac(self) -> float:
-        return float((self.tokens_since_fired >= self.trainer.cfg.dead_window_tokens).float().mean())
+        return float(self.dead_mask().float().mean())
 
     def checkpoint(self) -> None:
         if self.ckpt is not None:
@@ -276,7 +280,7 @@ class TrainingSession:
         """One optimizer step on a raw batch; None (and no update) if the loss is not finite."""
         tr, cfg, st, arch = self.trainer, self.trainer.cfg, self.state, self.sae.arch
         x, _ = normalize(x.to(tr.device, non_blocking=True), tr.sae_cfg.normalization)
-        dead = (self.tokens_since_fired >= cfg.dead_window_tokens).nonzero().squeeze(1)
+        dead = self.dead_mask().nonzero().squeeze(1)
         ctx = StepContext(mse_scale=st.mse_scale, dead_latents=dead if dead.numel() else None,
                           progress=st.step / cfg.steps())
         with tr._autocast():
