@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import numbers
 from abc import ABC, abstractmethod
+from typing import Callable
 
+import numpy as np
 import torch
 
 from sae_core.errors import ConfigError
@@ -38,3 +40,30 @@ def check_arg(ok: bool, name: str, allowed: str, got) -> None:
     """Raise a ConfigError naming the argument, what is allowed and what was given."""
     if not ok:
         raise ConfigError(f"{name} must be {allowed}, got {got!r}")
+
+
+class EpochStream:
+    """An endless stream of epochs over n training rows, epoch e in the order order(e); rows_at(start, count)
+    gives the rows at stream positions [start, start + count). The last two epochs' orders are kept: a batch
+    straddles at most two epochs unless it is longer than one."""
+
+    def __init__(self, n: int, order: Callable[[int], np.ndarray]):
+        self.n, self.order = n, order
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        rows = self._epochs.get(epoch)
+        if rows is None:
+            rows = self.order(epoch)
+            if len(self._epochs) >= 2:
+                del self._epochs[next(iter(self._epochs))]
+            self._epochs[epoch] = rows
+        return rows
+
+    def rows_at(self, start: int, count: int) -> np.ndarray:
+        epoch, offset = np.divmod(np.arange(start, start + count, dtype=np.int64), self.n)
+        out = np.empty(count, np.int64)
+        for e in np.unique(epoch):
+            here = epoch == e
+            out[here] = self._epoch(int(e))[offset[here]]
+        return out

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sae_core.errors import DataError
-from sae_core.sources.base import ActivationSource, check_arg, is_int
+from sae_core.sources.base import ActivationSource, EpochStream, check_arg, is_int
 
 _ALLOWED_DTYPES = "float16, bfloat16, float32, float64"
 _ALLOWED_PARQUET = "one column of equal-length lists of floats, or float columns (one per dimension)"
@@ -174,20 +174,18 @@ class FileSource(ActivationSource):
         self._starts = np.cumsum([0] + [len(shard.data) for shard in self._shards])
         self.n_rows = int(self._starts[-1])
         self._eval: torch.Tensor | None = None
-        self._epochs: dict[int, np.ndarray] = {}
         if eval_shards:
             self._eval = torch.cat([s.take(np.arange(len(s.data))) for s in eval_shards])
             self._eval_rows = np.empty(0, np.int64)
-            self._train_rows = np.arange(self.n_rows)
-            self.n_train = self.n_rows
-            return
-        if self.n_rows < n_eval + 1:
-            more = f" (and {len(self._shards) - 1} more files)" if len(self._shards) > 1 else ""
-            raise DataError(f"{first.path}{more}: {self.n_rows} rows in total, but n_eval={n_eval} needs at "
-                            f"least {n_eval + 1} (the held-out rows plus one training row)")
-        self.n_train = self.n_rows - n_eval
-        self._eval_rows = np.sort(np.random.default_rng(_SPLIT_SEED).choice(self.n_rows, n_eval, replace=False))
+        else:
+            if self.n_rows < n_eval + 1:
+                more = f" (and {len(self._shards) - 1} more files)" if len(self._shards) > 1 else ""
+                raise DataError(f"{first.path}{more}: {self.n_rows} rows in total, but n_eval={n_eval} needs at "
+                                f"least {n_eval + 1} (the held-out rows plus one training row)")
+            self._eval_rows = np.sort(np.random.default_rng(_SPLIT_SEED).choice(self.n_rows, n_eval, replace=False))
         self._train_rows = np.delete(np.arange(self.n_rows), self._eval_rows)
+        self.n_train = len(self._train_rows)
+        self._stream = EpochStream(self.n_train, self._epoch_order)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """The training rows in epoch `epoch`'s order. With a shuffle_buffer W: blocks of W/8 contiguous rows
@@ -205,15 +203,6 @@ class FileSource(ActivationSource):
             rng.shuffle(order[lo:lo + window])
         return order
 
-    def _epoch_rows(self, epoch: int) -> np.ndarray:
-        rows = self._epochs.get(epoch)
-        if rows is None:
-            rows = self._epoch_order(epoch)
-            if len(self._epochs) >= 2:  # a batch straddles at most two epochs unless batch_size > n_train
-                del self._epochs[next(iter(self._epochs))]
-            self._epochs[epoch] = rows
-        return rows
-
     def _gather(self, rows: np.ndarray) -> torch.Tensor:
         order = np.argsort(rows, kind="stable")
         ordered = rows[order]  # sorted reads are much faster on a memmap
@@ -226,12 +215,7 @@ class FileSource(ActivationSource):
         return out
 
     def train_batch(self, step: int, batch_size: int) -> torch.Tensor:
-        epoch, offset = np.divmod(np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64), self.n_train)
-        rows = np.empty(batch_size, np.int64)
-        for e in np.unique(epoch):
-            here = epoch == e
-            rows[here] = self._epoch_rows(int(e))[offset[here]]
-        return self._gather(rows)
+        return self._gather(self._stream.rows_at(step * batch_size, batch_size))
 
     def eval_set(self) -> torch.Tensor:
         if self._eval is None:

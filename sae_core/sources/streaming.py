@@ -15,7 +15,7 @@ import torch
 
 from sae_core.errors import DataError
 from sae_core.lm import ActivationExtractor
-from sae_core.sources.base import ActivationSource
+from sae_core.sources.base import ActivationSource, EpochStream
 
 
 class StreamingActivations(ActivationSource):
@@ -33,6 +33,8 @@ class StreamingActivations(ActivationSource):
             raise DataError(f"data.eval_tokens: {eval_tokens:,} leaves no token rows for training "
                             f"({int(cum[-1]):,} usable vectors in all)")
         self.eval_rows, self.train_rows = np.arange(eval_end), np.arange(eval_end, len(tokens))
+        self._stream = EpochStream(len(self.train_rows),
+                                   lambda e: np.random.default_rng([seed, e]).permutation(self.train_rows))
         self.mean_valid = max(1.0, float(self.keep[eval_end:].sum(axis=1).mean()))
         self._eval: torch.Tensor | None = None
 
@@ -47,23 +49,14 @@ class StreamingActivations(ActivationSource):
         acts = torch.cat(parts, dim=1)
         return acts if self.layer_pos is None else acts[self.layer_pos:self.layer_pos + 1]
 
-    def _stream_rows(self, start: int, count: int) -> np.ndarray:
-        pos = np.arange(start, start + count)
-        epoch, offset = np.divmod(pos, len(self.train_rows))
-        out = np.empty(count, np.int64)
-        for e in np.unique(epoch):
-            perm = np.random.default_rng([self.seed, int(e)]).permutation(self.train_rows)
-            out[epoch == e] = perm[offset[epoch == e]]
-        return out
-
     def train_batch(self, step: int, batch_size: int) -> torch.Tensor:
         per, extra = divmod(batch_size, self.n_layers)
         need = per + (extra > 0)
         rows_per_step = math.ceil(1.25 * need / self.mean_valid)  # margin for rows with many separators
-        rows = self._stream_rows(step * rows_per_step, rows_per_step)
+        rows = self._stream.rows_at(step * rows_per_step, rows_per_step)
         acts = self._vectors(rows)
         while acts.shape[1] < need:  # rare: take further rows of the stream, still deterministic
-            more = self._stream_rows((step + 1) * rows_per_step + acts.shape[1], rows_per_step)
+            more = self._stream.rows_at((step + 1) * rows_per_step + acts.shape[1], rows_per_step)
             acts = torch.cat([acts, self._vectors(more)], dim=1)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         picks = torch.randperm(acts.shape[1], generator=gen)
