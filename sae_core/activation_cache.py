@@ -31,6 +31,7 @@ from sae_core.errors import DataError
 from sae_core.io import _atomic, save_safetensors_atomic, write_json_atomic
 from sae_core.lm import ActivationExtractor, LoadedModel
 from sae_core.sources.files import FileSource
+from sae_core.text.tokens import rows_holding
 
 SHARD_VECTORS = 2**16  # vectors per shard and layer, about: 48 MiB at d=384 in float16
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -89,7 +90,7 @@ def plan_shards(valid_per_row: np.ndarray, eval_tokens: int, train_tokens: int) 
     """Row ranges [start, end) per shard: eval from row 0 until eval_tokens vectors, then train until
     train_tokens, each split cut into shards of about SHARD_VECTORS vectors."""
     cum = np.concatenate([[0], np.cumsum(valid_per_row)])
-    eval_end = int(np.searchsorted(cum, eval_tokens))
+    eval_end = rows_holding(valid_per_row, eval_tokens)
     train_end = int(np.searchsorted(cum, cum[eval_end] + train_tokens))
     if train_end >= len(cum) or eval_end >= len(cum):
         raise DataError(f"data: the text gives {int(cum[-1]):,} usable vectors per layer; "

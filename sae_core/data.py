@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sae_core.activation_cache import ActivationCache, CacheSpec
 from sae_core.errors import DataError
+from sae_core.evaluation.downstream import DownstreamEval
 from sae_core.lm import SITES, ActivationExtractor, LoadedModel, load_model
 from sae_core.sources.base import ActivationSource
 from sae_core.sources.files import FileSource
@@ -23,7 +24,7 @@ from sae_core.sources.multilayer import MultiLayerSource
 from sae_core.sources.streaming import StreamingActivations
 from sae_core.text import cache_root as text_cache_root
 from sae_core.text.documents import TextSpec
-from sae_core.text.tokens import check_context_length, special_mask, token_rows
+from sae_core.text.tokens import check_context_length, rows_holding, special_mask, token_rows
 
 Site = Literal[SITES]  # type: ignore[valid-type]
 
@@ -121,6 +122,23 @@ class ActivationData:
         if self.data.cache:
             self.cache().ensure(self._load, self._rows, self.data.batch_rows, echo)
         return self
+
+    def downstream(self, batch_tokens: int = 4096,
+                   max_tokens: int | None = None) -> tuple[DownstreamEval | None, str | None]:
+        """The splicing evaluator over the held-out rows (the first rows, never trained on), or None and why."""
+        if self.data.activations is not None:
+            return None, "activations brought from a file: no model to splice into"
+        lm = self._load()
+        tokens, excluded = self._rows(lm)
+        want = self.data.eval_tokens if max_tokens is None else min(max_tokens, self.data.eval_tokens)
+        end = rows_holding((~excluded).sum(axis=1), want)
+        return DownstreamEval(lm, self.hook.site, self.layers, tokens[:end], excluded[:end], batch_tokens), None
+
+    def hook_meta(self) -> dict | None:
+        """What an SAE trained on these activations reads, saved with it so evaluation can check the match."""
+        if self.data.activations is not None:
+            return None
+        return {"model": self.model_name, "site": self.hook.site, "layers": list(self.layers)}
 
     def run_layers(self) -> list[int | None]:
         """One entry per SAE a grid point trains: each layer, or None for one multi-layer SAE."""

@@ -25,10 +25,16 @@ LATENT_STATS_FILE = "latent_stats.safetensors"  # written by the trainer beside 
 
 
 class SAE(nn.Module):
-    def __init__(self, cfg: SAEConfig | dict):
+    def __init__(self, cfg: SAEConfig | dict, meta: dict | None = None, init_seed: int | None = 0):
+        """meta: what was trained on and how (hook, train settings, metrics), kept in config.json beside `sae`.
+        init_seed: the tied random initialisation the trainer starts from; None leaves the weights unset
+        (they are about to be loaded)."""
         super().__init__()
         self.cfg = parse_sae_config(cfg)
         self.arch: Architecture = build_architecture(self.cfg)
+        self.meta = dict(meta or {})
+        if init_seed is not None:
+            self.arch.reset_parameters(True, torch.Generator().manual_seed(init_seed))
 
     # --- inference -------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenStats | None]:
@@ -67,10 +73,10 @@ class SAE(nn.Module):
         return self.reconstruct(x)
 
     # --- storage ---------------------------------------------------------------------------
-    def save(self, path: str | Path, extra: dict | None = None) -> None:
+    def save(self, path: str | Path) -> None:
         path = Path(path)
         save_safetensors_atomic(self.arch.state_dict(), path / WEIGHTS_FILE)
-        write_json_atomic(path / CONFIG_FILE, {"sae": self.cfg.model_dump(), **(extra or {})})
+        write_json_atomic(path / CONFIG_FILE, {"sae": self.cfg.model_dump(), **self.meta})
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SAE":
@@ -79,6 +85,7 @@ class SAE(nn.Module):
         for p in (cfg_path, weights):
             if not p.is_file():
                 raise DataError(f"{p}: not found; an SAE folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-        sae = cls(parse_sae_config(json.loads(cfg_path.read_text())["sae"], source=str(cfg_path), prefix="sae"))
+        saved = json.loads(cfg_path.read_text())
+        sae = cls(parse_sae_config(saved.pop("sae"), source=str(cfg_path), prefix="sae"), meta=saved, init_seed=None)
         sae.arch.load_state_dict(load_file(weights, device=str(device)))
         return sae.to(device)

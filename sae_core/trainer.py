@@ -22,7 +22,7 @@ from sae_core.checkpoint import STATE_FILE, TrainerState, load_checkpoint, save_
 from sae_core.config import TrainConfig, parse_train_config
 from sae_core.errors import ConfigError
 from sae_core.geometric_median import geometric_median
-from sae_core.metrics import Evaluation, evaluate, save_latent_stats
+from sae_core.evaluation.reconstruction import Evaluation, evaluate, save_latent_stats
 from sae_core.normalization import normalize
 from sae_core.sae import LATENT_STATS_FILE, SAE
 from sae_core.sources.base import ActivationSource
@@ -74,7 +74,9 @@ def lr_at(step: int, total_steps: int, base: float, cfg: TrainConfig) -> float:
 
 class Trainer:
     def __init__(self, sae_cfg: SAEConfig | dict, train_cfg: TrainConfig | dict, source: ActivationSource,
-                 out_dir: str | Path | None = None):
+                 out_dir: str | Path | None = None, meta: dict | None = None):
+        """meta: saved with the SAE (e.g. the hook it reads: {"hook": {"model", "site", "layers"}})."""
+        self.meta = dict(meta or {})
         self.sae_cfg = parse_sae_config(sae_cfg)
         family = registry()[self.sae_cfg.arch]
         cfg = parse_train_config(train_cfg)
@@ -155,7 +157,7 @@ class Trainer:
         """Build the SAE and optimizer, from out_dir's checkpoint if there is one, else from data."""
         cfg, device = self.cfg, self.device
         torch.manual_seed(cfg.seed)
-        sae = SAE(self.sae_cfg).to(device)
+        sae = SAE(self.sae_cfg, init_seed=None).to(device)
         base_lr = cfg.resolved_lr(self.sae_cfg.n_latents)
         opt = self._optimizer(sae, base_lr)
         ckpt = self.out_dir / STATE_FILE if self.out_dir else None
@@ -214,7 +216,8 @@ class Trainer:
                            tokens=st.tokens, flops=st.flops, lr=session.base_lr, wall_seconds=time.time() - t_start,
                            device=str(self.device), ema_used=ema_used, sae=sae)
         if self.out_dir is not None and status == "ok":
-            sae.save(self.out_dir, extra={"train": cfg.model_dump(), "metrics": metrics, "ema_used": ema_used})
+            sae.meta.update(self.meta, train=cfg.model_dump(), metrics=metrics, ema_used=ema_used)
+            sae.save(self.out_dir)
             save_latent_stats(final, self.out_dir / LATENT_STATS_FILE)
         return result
 

@@ -15,8 +15,9 @@ hooked module has run (early exit), so hooking layer 2 of a 24-layer model costs
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sae_core.errors import DataError
@@ -94,15 +95,47 @@ class ActivationExtractor:
                             f"allowed sites here: resid_pre, resid_post, resid_post_ln")
         return mlp
 
-    def _normalize(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def _site_affine(self, layer: int, raw: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """(shift, scale) with site value = (raw - shift) / scale, per token: one map for both directions,
+        so a reconstruction in the site's space goes back into the model exactly where the original was."""
+        if self.site != "resid_post_ln":
+            return 0.0, 1.0
         if self.post_ln:
             norm = self._post_ln_norm(self.blocks[layer])
-            return (x - norm.bias) / norm.weight
+            return norm.bias.float(), norm.weight.float()
         norm = self._next_norm(layer)
         eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
         if isinstance(norm, nn.LayerNorm):
-            return F.layer_norm(x, (x.shape[-1],), eps=eps)
-        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+            return raw.mean(dim=-1, keepdim=True), (raw.var(dim=-1, unbiased=False, keepdim=True) + eps).sqrt()
+        return 0.0, (raw.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
+
+    def to_site(self, layer: int, raw: torch.Tensor) -> torch.Tensor:
+        """The hooked module's output (float32) as the SAE sees it."""
+        shift, scale = self._site_affine(layer, raw)
+        return (raw - shift) / scale
+
+    def from_site(self, layer: int, value: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """Inverse of `to_site`, with the per-token statistics of the original output `raw`."""
+        shift, scale = self._site_affine(layer, raw)
+        return value * scale + shift
+
+    def _register(self, layer: int, fn):
+        """Hook the site of `layer`: fn(raw output) returns a replacement or None (observe only)."""
+        if self.site == "resid_pre":
+            def pre(module, args, kwargs):
+                new = fn(args[0] if args else kwargs["hidden_states"])
+                if new is None:
+                    return None
+                return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+            return self.blocks[layer].register_forward_pre_hook(pre, with_kwargs=True)
+        module = self._mlp(layer) if self.site == "mlp_out" else self.blocks[layer]
+
+        def post(module, args, out):
+            new = fn(_tensor(out))
+            if new is None or not isinstance(out, (tuple, list)):
+                return new
+            return type(out)((new, *out[1:]))
+        return module.register_forward_hook(post)
 
     # --- running -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -117,17 +150,7 @@ class ActivationExtractor:
                     raise _StopForward
             return store
 
-        handles = []
-        for layer in self.layers:
-            store = keep(layer)
-            if self.site == "resid_pre":
-                handles.append(self.blocks[layer].register_forward_pre_hook(
-                    lambda m, args, kwargs, s=store: s(args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True))
-            elif self.site == "mlp_out":
-                handles.append(self._mlp(layer).register_forward_hook(lambda m, a, o, s=store: s(_tensor(o))))
-            else:
-                handles.append(self.blocks[layer].register_forward_hook(lambda m, a, o, s=store: s(_tensor(o))))
+        handles = [self._register(layer, keep(layer)) for layer in self.layers]
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask)
         except _StopForward:
@@ -135,7 +158,23 @@ class ActivationExtractor:
         finally:
             for h in handles:
                 h.remove()
-        acts = [captured[layer] for layer in self.layers]
-        if self.site == "resid_post_ln":
-            acts = [self._normalize(layer, a).float() for layer, a in zip(self.layers, acts)]
-        return torch.stack(acts)
+        return torch.stack([self.to_site(layer, captured[layer]) for layer in self.layers])
+
+    @torch.inference_mode()
+    def run_spliced(self, input_ids: torch.Tensor, layer: int, positions: torch.Tensor,
+                    replace: Callable[[torch.Tensor], torch.Tensor], attention_mask: torch.Tensor | None = None):
+        """The full model's output with the site's value at `layer` replaced, where positions [B, T] is True,
+        by replace(site vectors [n, d] float32) -> [n, d]. Every other position keeps its original exactly."""
+        keep = positions[..., None]
+
+        def swap(raw: torch.Tensor) -> torch.Tensor:
+            original = raw.float()
+            site = self.to_site(layer, original)
+            site = site.masked_scatter(keep, replace(site[positions]).to(site.dtype))
+            return torch.where(keep, self.from_site(layer, site, original).to(raw.dtype), raw)
+
+        handle = self._register(layer, swap)
+        try:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            handle.remove()

@@ -16,6 +16,7 @@ import torch
 from sae_core.errors import DataError
 from sae_core.lm import ActivationExtractor
 from sae_core.sources.base import ActivationSource, EpochStream
+from sae_core.text.tokens import rows_holding
 
 
 class StreamingActivations(ActivationSource):
@@ -27,11 +28,10 @@ class StreamingActivations(ActivationSource):
         self.layer_pos = None if layer is None else extractor.layers.index(layer)
         self.n_layers = 1 if layer is not None else len(extractor.layers)
         self.d_in, self.seed, self.batch_rows = extractor.d_model, seed, batch_rows
-        cum = np.cumsum(self.keep.sum(axis=1))
-        eval_end = int(np.searchsorted(cum, eval_tokens)) + 1
+        eval_end = rows_holding(self.keep.sum(axis=1), eval_tokens)
         if eval_end >= len(tokens):
             raise DataError(f"data.eval_tokens: {eval_tokens:,} leaves no token rows for training "
-                            f"({int(cum[-1]):,} usable vectors in all)")
+                            f"({int(self.keep.sum()):,} usable vectors in all)")
         self.eval_rows, self.train_rows = np.arange(eval_end), np.arange(eval_end, len(tokens))
         self._stream = EpochStream(len(self.train_rows),
                                    lambda e: np.random.default_rng([seed, e]).permutation(self.train_rows))

@@ -122,6 +122,12 @@ def special_mask(rows: np.ndarray, tokenizer, drop_first: int = 0) -> np.ndarray
     return mask
 
 
+def rows_holding(valid_per_row: np.ndarray, n_vectors: int) -> int:
+    """How many leading rows it takes to hold n_vectors usable positions (the held-out split is the first
+    rows); len(valid_per_row) + 1 when they do not suffice."""
+    return int(np.searchsorted(np.cumsum(valid_per_row), n_vectors)) + 1
+
+
 def tokenizer_key(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # a fast tokenizer: vocabulary, merges, normaliser, pre-tokeniser...

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
 
+from sae_core.architectures import Code, SparseCode
 from sae_core.io import save_safetensors_atomic
-
-from sae_core.architectures import SparseCode
+from sae_core.normalization import TokenStats
 from sae_core.sae import SAE
 
 
@@ -28,7 +29,10 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> Evaluation:
+def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096,
+             encode: Callable[[torch.Tensor], tuple[Code, TokenStats | None]] | None = None) -> Evaluation:
+    """encode: replaces `sae.encode_code` (e.g. a test-time TopK(k') through `sae.encode_with`)."""
+    encode = encode or sae.encode_code
     device = sae.arch.W_dec.device
     n = sae.cfg.n_latents
     mean = x.to(torch.float64).mean(dim=0).to(device)
@@ -37,7 +41,7 @@ def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> Evaluation:
     sums = torch.zeros(n, dtype=torch.float64, device=device)
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device)
-        code, stats = sae.encode_code(xb)
+        code, stats = encode(xb)
         x_hat = sae.decode(code, stats)
         sq_err += float((xb - x_hat).double().pow(2).sum())
         total_var += float((xb.double() - mean).pow(2).sum())

@@ -1,0 +1,112 @@
+"""Everything evaluated on a trained SAE beside its reconstruction metrics: downstream loss by splicing
+(per layer for multi-layer SAEs, then averaged, Lawson et al. B.2), per-layer reconstruction metrics, and
+the progressive-recovery table. All spliced forwards share one clean forward per batch of held-out rows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from sae_core.evaluation import recovery
+from sae_core.evaluation.downstream import (DownstreamEval, constant, downstream_row, null_downstream,
+                                            reconstruction, zeros)
+from sae_core.evaluation.reconstruction import evaluate
+from sae_core.sae import SAE
+
+NonNegative = Field(ge=0, allow_inf_nan=False)
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    downstream: bool = True  # splice the reconstruction into the model (needs model + text data)
+    downstream_tokens: int | None = Field(None, ge=1)  # held-out tokens spliced; None: all of data.eval_tokens
+    batch_tokens: int = Field(4096, ge=1)  # tokens per forward pass (the logits of a batch must fit in memory)
+    recovery: bool = True  # progressive-recovery table (test-time TopK(k') and JumpReLU(θ))
+    recovery_k: list[PositiveInt] | Literal["auto"] = "auto"
+    recovery_thresholds: list[float] | Literal["auto"] = "auto"
+    recovery_downstream: bool = True  # also splice every recovery point (one forward per point and batch)
+
+
+@dataclass
+class RunEvaluation:
+    metrics: dict  # downstream columns of the runs table
+    layers: list[dict] = field(default_factory=list)  # multi-layer SAEs: one row per layer
+    recovery: list[dict] = field(default_factory=list)  # one row per grid point
+
+
+def _mean(rows: list[dict]) -> dict:
+    """Average of per-layer rows: numbers averaged (null if any layer's is null), the rest from the first."""
+    out = dict(rows[0])
+    for key, value in out.items():
+        if isinstance(value, float) or key == "downstream_tokens":
+            vals = [r[key] for r in rows]
+            out[key] = None if any(v is None for v in vals) else sum(vals) / len(vals)
+    return out
+
+
+def evaluate_run(sae: SAE, eval_x: torch.Tensor, cfg: EvalConfig, layers: list[int],
+                 downstream: DownstreamEval | None, null_reason: str | None = None,
+                 layer_ids: torch.Tensor | None = None, l0: float | None = None,
+                 batch_size: int = 4096) -> RunEvaluation:
+    """layers: the hooked layers the SAE reads (several for a multi-layer SAE, whose eval vectors' layers are
+    `layer_ids`); downstream: None when there is no model to splice into, `null_reason` saying why.
+    l0: the trained L0 (sets the default recovery grid for families without k)."""
+    if cfg.downstream and downstream is not None:
+        for layer in layers:
+            downstream.check(sae, layer)
+    splice = cfg.downstream and downstream is not None and bool(layers)
+    splices: dict = {}
+    if splice:
+        for layer in layers:
+            splices["sae", layer] = (layer, reconstruction(sae))
+            splices["zero", layer] = (layer, zeros)
+            splices["mean", layer] = (layer, constant(downstream.site_mean(layer)))
+    grid = []
+    if cfg.recovery:
+        if l0 is None:
+            l0 = evaluate(sae, eval_x, batch_size).metrics["l0"]
+        ks = recovery.k_grid(sae, l0) if cfg.recovery_k == "auto" else sorted(set(cfg.recovery_k))
+        ks = [k for k in ks if k <= sae.cfg.n_latents]
+        thresholds = (recovery.threshold_grid(sae, eval_x, ks) if cfg.recovery_thresholds == "auto"
+                      else sorted(set(cfg.recovery_thresholds), reverse=True))
+        grid = recovery.points(sae, ks, thresholds)
+        if splice and cfg.recovery_downstream:
+            for i, (_, encode) in enumerate(grid):
+                for layer in layers:
+                    splices["recovery", i, layer] = (layer, reconstruction(sae, encode))
+    clean_ce, spliced = downstream.measure(splices) if splices else (None, {})
+
+    def layer_row(layer: int) -> dict:
+        return downstream_row(downstream.metric, downstream.n_tokens, clean_ce, spliced["sae", layer],
+                              spliced["zero", layer], spliced["mean", layer])
+
+    if splice:
+        metrics = _mean([layer_row(layer) for layer in layers])
+    else:
+        reason = null_reason or ("eval.downstream is off" if not cfg.downstream else "no hooked layer")
+        metrics = null_downstream(reason)
+
+    per_layer = []
+    if layer_ids is not None:
+        for layer in layers:
+            rec = evaluate(sae, eval_x[layer_ids == layer], batch_size).metrics
+            down = layer_row(layer) if splice else null_downstream(metrics["downstream_null_reason"])
+            per_layer.append({"layer": layer, **{k: rec[k] for k in ("nmse", "mse", "l0", "l1")}, **down})
+
+    table = []
+    for i, (keys, encode) in enumerate(grid):
+        rec = evaluate(sae, eval_x, batch_size, encode=encode).metrics
+        row = {**keys, "l0": rec["l0"], "nmse": rec["nmse"], "mse": rec["mse"],
+               "downstream_loss": None, "downstream_kl": None}
+        if ("recovery", i, layers[0] if layers else None) in spliced:
+            points = [spliced["recovery", i, layer] for layer in layers]
+            row["downstream_loss"] = math.fsum(p.loss for p in points) / len(points)
+            if clean_ce is not None:
+                row["downstream_kl"] = math.fsum(p.kl for p in points) / len(points)
+        table.append(row)
+    return RunEvaluation(metrics, per_layer, table)
