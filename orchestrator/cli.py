@@ -14,6 +14,49 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if out["mmcs"] >= args.min_mmcs else 1
 
 
+def _run(args: argparse.Namespace) -> int:
+    from orchestrator.scheduler import dry_run, plan_sweep, run_sweep
+
+    if args.dry_run:
+        dry_run(plan_sweep(args.sweep, args.results))
+        return 0
+    return run_sweep(args.sweep, args.results, args.address, args.max_parallel)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from orchestrator.jobs import submit
+
+    print(submit(args.sweep, args.address, args.results))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from orchestrator.jobs import follow_logs
+
+    return follow_logs(args.job_id, args.address)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from orchestrator.status import sweep_status
+
+    print(sweep_status(args.sweep_dir))
+    return 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    from orchestrator.status import results_table
+
+    print(results_table(args.sweep_dir, args.query, args.columns, args.format))
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from orchestrator.spec import json_schema
+
+    print(json_schema())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-scaling", description="Scaling-law experiments on sparse autoencoders.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -24,6 +67,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--min-mmcs", type=float, default=0.9, help="exit 1 if final MMCS is below this")
     demo.set_defaults(func=_demo)
+
+    run = sub.add_parser("run", help="validate, plan and run every grid point of a sweep not yet done")
+    run.add_argument("sweep", help="sweep YAML")
+    run.add_argument("--address", help="Ray cluster address (host:port or auto); default: an embedded local Ray")
+    run.add_argument("--results", default="results", help="results root (default ./results)")
+    run.add_argument("--dry-run", action="store_true", help="print the runs, tokens, estimated FLOPs and what is done")
+    run.add_argument("--max-parallel", type=int, help="at most this many packs at once")
+    run.set_defaults(func=_run)
+
+    submit = sub.add_parser("submit", help="submit the sweep as a Ray Job to a remote cluster; prints the job id")
+    submit.add_argument("sweep")
+    submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    submit.add_argument("--results", required=True, help="results root on storage the cluster writes (absolute)")
+    submit.set_defaults(func=_submit)
+
+    logs = sub.add_parser("logs", help="follow a submitted sweep's log until it ends")
+    logs.add_argument("job_id")
+    logs.add_argument("--address", default="http://127.0.0.1:8265")
+    logs.set_defaults(func=_logs)
+
+    status = sub.add_parser("status", help="runs done / running / failed / pending, with failure reasons")
+    status.add_argument("sweep_dir", help="results/<sweep name>")
+    status.set_defaults(func=_status)
+
+    results = sub.add_parser("results", help="the runs table, filtered with a pandas query")
+    results.add_argument("sweep_dir")
+    results.add_argument("--query", help="pandas query, e.g. \"arch == 'topk' and k == 32\"")
+    results.add_argument("--columns", help="comma-separated columns")
+    results.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    results.set_defaults(func=_results)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of the sweep YAML (for editors)")
+    schema.set_defaults(func=_schema)
     return parser
 
 

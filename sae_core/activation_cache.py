@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from sae_core.errors import DataError
-from sae_core.io import _atomic, save_safetensors_atomic, write_json_atomic
+from sae_core.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from sae_core.lm import ActivationExtractor, LoadedModel
 from sae_core.sources.files import FileSource
 from sae_core.text.tokens import rows_holding
@@ -159,7 +159,7 @@ class ActivationCache:
     def _write_shard(path: Path, acts: torch.Tensor) -> None:
         save_safetensors_atomic({"activations": acts}, path)
         info = {"vectors": int(acts.shape[0]), "bytes": path.stat().st_size, "crc32": _crc32(path)}
-        _atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info)))
+        write_text_atomic(path.with_suffix(".json"), json.dumps(info))
 
     def _check_complete(self) -> None:
         if not self.is_complete():

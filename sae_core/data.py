@@ -7,6 +7,7 @@ model exists, the layers and site exist in it, the context length fits it, the t
 """
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Callable, Literal
@@ -15,17 +16,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sae_core.activation_cache import ActivationCache, CacheSpec
-from sae_core.errors import DataError
+from sae_core.errors import ConfigError, DataError
 from sae_core.evaluation.downstream import DownstreamEval
 from sae_core.lm import SITES, ActivationExtractor, LoadedModel, load_model
 from sae_core.sources.base import ActivationSource
 from sae_core.sources.files import FileSource
 from sae_core.sources.multilayer import MultiLayerSource
 from sae_core.sources.streaming import StreamingActivations
+from sae_core.sources.synthetic import SyntheticSource
 from sae_core.text import cache_root as text_cache_root
 from sae_core.text.documents import TextSpec
 from sae_core.text.tokens import check_context_length, rows_holding, special_mask, token_rows
 
+SYNTHETIC_KEYS = [p for p in inspect.signature(SyntheticSource).parameters if p != "n_eval"]
 Site = Literal[SITES]  # type: ignore[valid-type]
 
 
@@ -42,6 +45,7 @@ class DataConfig(BaseModel):
 
     text: TextSpec | None = None
     activations: str | list[str] | None = None  # [N, d_in] .npy / .safetensors / .parquet, instead of model + text
+    synthetic: dict | None = None  # SyntheticSource settings (d_in, n_features, ...): known ground-truth features
     context_length: int = Field(64, ge=2)  # Gao et al. train on 64-token contexts
     train_tokens: int = Field(ge=1)  # vectors seen per run
     eval_tokens: int = Field(8192, ge=1)  # held out, never trained on
@@ -59,9 +63,15 @@ class DataConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.text is None) == (self.activations is None):
-            raise ValueError("give exactly one of data.text (with model) or data.activations")
+        given = [k for k in ("text", "activations", "synthetic") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of data.text (with model), data.activations or data.synthetic "
+                             f"(got {', '.join(given) or 'none'})")
         return self
+
+    @property
+    def has_model(self) -> bool:
+        return self.text is not None
 
 
 class ActivationData:
@@ -69,7 +79,7 @@ class ActivationData:
 
     def __init__(self, model: str | None, hook: HookConfig, data: DataConfig, cache_root: str | Path | None = None):
         """cache_root: where activation caches go; default the toolkit's cache root (sae_core.text.cache_root)."""
-        if data.text is not None and not model:
+        if data.has_model and not model:
             raise DataError("model: required with data.text (a hub id, a local folder, or `embedded`)")
         self.model_name, self.hook, self.data = model, hook, data
         self.cache_root = Path(cache_root) if cache_root is not None else text_cache_root()
@@ -108,10 +118,13 @@ class ActivationData:
                          eval_tokens=self.data.eval_tokens, store_dtype=self.data.cache_dtype)
         return ActivationCache(self.cache_root, spec)
 
-    def prepare(self, echo: Callable[[str], None] = lambda s: None) -> "ActivationData":
-        """Validate everything, then build the cache if one is used. Cheap when the cache exists."""
+    def prepare(self, echo: Callable[[str], None] = lambda s: None, build: bool = True) -> "ActivationData":
+        """Validate everything, then build the cache if one is used (and `build`). Cheap when the cache exists."""
         if self.data.activations is not None:
             self.d_in = FileSource(self.data.activations, n_eval=self.data.eval_tokens).d_in
+            return self
+        if self.data.synthetic is not None:
+            self.d_in = self._synthetic().d_in
             return self
         lm = self._load()
         check_context_length(lm.model.config, self.data.context_length)
@@ -119,7 +132,7 @@ class ActivationData:
             self.layers = list(range(ActivationExtractor(lm.model, self.hook.site, [0]).n_layers))
         extractor = ActivationExtractor(lm.model, self.hook.site, self.layers)  # checks site and layers
         self.d_in = extractor.d_model
-        if self.data.cache:
+        if self.data.cache and build:
             self.cache().ensure(self._load, self._rows, self.data.batch_rows, echo)
         return self
 
@@ -128,6 +141,8 @@ class ActivationData:
         """The splicing evaluator over the held-out rows (the first rows, never trained on), or None and why."""
         if self.data.activations is not None:
             return None, "activations brought from a file: no model to splice into"
+        if self.data.synthetic is not None:
+            return None, "synthetic activations: no model to splice into"
         lm = self._load()
         tokens, excluded = self._rows(lm)
         want = self.data.eval_tokens if max_tokens is None else min(max_tokens, self.data.eval_tokens)
@@ -136,16 +151,29 @@ class ActivationData:
 
     def hook_meta(self) -> dict | None:
         """What an SAE trained on these activations reads, saved with it so evaluation can check the match."""
-        if self.data.activations is not None:
+        if not self.data.has_model:
             return None
         return {"model": self.model_name, "site": self.hook.site, "layers": list(self.layers)}
 
+    def _synthetic(self, seed: int | None = None) -> SyntheticSource:
+        settings = {**self.data.synthetic, "n_eval": self.data.eval_tokens}
+        if seed is not None and "seed" not in self.data.synthetic:
+            settings["seed"] = seed
+        try:
+            return SyntheticSource(**settings)
+        except TypeError as err:  # an unknown setting
+            raise ConfigError(f"data.synthetic: {err}; allowed: {', '.join(SYNTHETIC_KEYS)}") from None
+        except ConfigError as err:
+            raise ConfigError(f"data.synthetic.{err}") from None
+
     def run_layers(self) -> list[int | None]:
         """One entry per SAE a grid point trains: each layer, or None for one multi-layer SAE."""
-        return [None] if self.hook.multi_layer or self.data.activations is not None else list(self.layers)
+        return [None] if self.hook.multi_layer or not self.data.has_model else list(self.layers)
 
     def source(self, layer: int | None, seed: int = 0) -> ActivationSource:
         """The training source of one run: one layer, or (None) every hooked layer for a multi-layer SAE."""
+        if self.data.synthetic is not None:
+            return self._synthetic(seed)
         if self.data.activations is not None:
             return FileSource(self.data.activations, n_eval=self.data.eval_tokens, seed=seed,
                               shuffle_buffer=self.data.shuffle_buffer)

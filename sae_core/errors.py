@@ -23,16 +23,22 @@ class DataError(SAEScalingError):
     """An activation file, model or corpus is missing or malformed."""
 
 
+def format_error_entry(e: dict, source: str = "config", prefix: str = "") -> str:
+    """`source: key.path: what is wrong (got X)` for one pydantic error; a validator's message that names
+    its own keys (raised at the model's top level) is given as it is."""
+    loc = ".".join(str(p) for p in e.get("loc", ()) if p != "__root__")
+    key = ".".join(p for p in (prefix, loc) if p)
+    msg = e["msg"].removeprefix("Value error, ")
+    if not key:
+        return f"{source}: {msg}"
+    got = e.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{source}: {key}: {msg}{shown}"
+
+
 def format_pydantic_error(err, source: str = "config", prefix: str = "") -> str:
-    """One line per problem: `source: key.path: what is wrong (got X)`."""
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "__root__")
-        key = ".".join(p for p in (prefix, loc) if p)
-        got = e.get("input")
-        shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-        lines.append(f"{source}: {key or '<top level>'}: {e['msg']}{shown}")
-    return "\n".join(lines)
+    """One line per problem."""
+    return "\n".join(format_error_entry(e, source, prefix) for e in err.errors())
 
 
 def validate(model_cls: type[Model], data: Any, source: str = "config", prefix: str = "") -> Model:

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generator
 
 import torch
 
@@ -178,6 +178,18 @@ class Trainer:
         max_steps stops early with status 'stopped' after writing a checkpoint (time-boxed jobs, tests).
         curve_metrics(sae, row) adds columns to every curve row (e.g. feature recovery on synthetic data).
         """
+        steps = self.run_steps(max_steps, curve_metrics)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def run_steps(self, max_steps: int | None = None,
+                  curve_metrics: Callable[[SAE, dict], dict[str, float]] | None = None
+                  ) -> Generator[int, None, RunResult]:
+        """`run` one step at a time: yields the token count after each step and returns the RunResult, so
+        one worker can train a pack of SAEs in lockstep from one activation stream."""
         cfg = self.cfg
         t_start = time.time()
         session = self.start()
@@ -205,6 +217,7 @@ class Trainer:
                 st.curve.append({**row, **(curve_metrics(sae, row) if curve_metrics else {})})
             if st.step % every == 0 or st.step == stop_at:
                 session.checkpoint()
+            yield st.tokens
 
         if status == "ok" and st.step < total:
             status = "stopped"

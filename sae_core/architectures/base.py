@@ -68,6 +68,11 @@ class LossOutput:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars, logged on curves
 
 
+def dense_flops(d_in: int, n_latents: int, batch: int, matmuls: int = 2) -> float:
+    """Each dense [B, d] x [d, n] matmul costs 2Bdn forward and 4Bdn backward (weight and input gradients)."""
+    return float(6 * d_in * n_latents * batch * matmuls)
+
+
 _REGISTRY: dict[str, type["Architecture"]] = {}
 
 
@@ -106,6 +111,12 @@ class Architecture(nn.Module):
 
     def loss(self, x: torch.Tensor, ctx: StepContext) -> LossOutput:
         raise NotImplementedError
+
+    @classmethod
+    def flops_per_vector(cls, cfg: SAEConfig) -> float:
+        """Training FLOPs per vector with no dead latents (the README's formula): what a sweep's plan
+        estimates. Default: a dense encoder and a dense decoder."""
+        return dense_flops(cfg.d_in, cfg.n_latents, 1)
 
     @property
     def constrain_decoder(self) -> bool:

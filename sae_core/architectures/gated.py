@@ -37,8 +37,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sae_core.architectures.base import LossOutput, StepContext, fvu_loss, register
-from sae_core.architectures.sparsity import L1Config, L1Family, dense_flops, l1_penalty
+from sae_core.architectures.base import LossOutput, StepContext, dense_flops, fvu_loss, register
+from sae_core.architectures.sparsity import L1Config, L1Family, l1_penalty
 
 
 class GatedConfig(L1Config):
@@ -48,6 +48,12 @@ class GatedConfig(L1Config):
 @register
 class Gated(L1Family):
     name = "gated"
+
+    @classmethod
+    def flops_per_vector(cls, cfg) -> float:
+        # shared encoder and decoder: full matmuls (6dn each); the frozen decoder of the auxiliary loss has
+        # no weight gradient, only the input gradient into the gate path: 2dn forward + 2dn backward
+        return dense_flops(cfg.d_in, cfg.n_latents, 1) + 4.0 * cfg.d_in * cfg.n_latents
     Config = GatedConfig
 
     def __init__(self, cfg: GatedConfig):
@@ -81,9 +87,5 @@ class Gated(L1Family):
         l1 = l1_penalty(gate_acts, self.W_dec.detach(), self.cfg, ctx)
         x_hat_frozen = gate_acts @ self.W_dec.detach() + self.b_pre.detach()
         aux = fvu_loss(x, x_hat_frozen, ctx.mse_scale)
-        d, n, B = self.cfg.d_in, self.cfg.n_latents, x.shape[0]
-        # shared encoder and decoder: full matmuls (6Bdn each); the frozen decoder has no weight
-        # gradient, only the input gradient into the gate path: 2Bdn forward + 2Bdn backward
-        flops = dense_flops(d, n, B, matmuls=2) + 4.0 * B * d * n
-        return LossOutput(loss=mse + l1 + aux, code=z, flops=flops,
+        return LossOutput(loss=mse + l1 + aux, code=z, flops=x.shape[0] * self.flops_per_vector(self.cfg),
                           terms={"mse_loss": mse.detach(), "l1_loss": l1.detach(), "aux_loss": aux.detach()})

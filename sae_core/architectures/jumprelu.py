@@ -60,7 +60,6 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from sae_core.architectures.base import Architecture, LossOutput, SAEConfig, StepContext, fvu_loss, register
-from sae_core.architectures.sparsity import dense_flops
 
 _DEFAULT_L0_COEFF = {"l0": 2e-3, "target_l0": 10.0}
 
@@ -169,5 +168,5 @@ class JumpReLU(Architecture):
         l0_loss = cfg.resolved_l0_coeff * sparsity
         # not "l0": the trainer merges terms into curve rows, where "l0" is the held-out L0
         terms = {"mse_loss": mse.detach(), "l0_loss": l0_loss.detach(), "batch_l0": l0.detach()}
-        return LossOutput(loss=mse + l0_loss, code=z, flops=dense_flops(cfg.d_in, cfg.n_latents, x.shape[0]),
+        return LossOutput(loss=mse + l0_loss, code=z, flops=x.shape[0] * self.flops_per_vector(self.cfg),
                           terms=terms)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sae_core.architectures.base import LossOutput, StepContext, fvu_loss, register
-from sae_core.architectures.sparsity import L1Config, L1Family, dense_flops, l1_penalty
+from sae_core.architectures.sparsity import L1Config, L1Family, l1_penalty
 
 ProLUGradient = Literal["ste", "relu"]
 
@@ -87,6 +87,6 @@ class ProLU(L1Family):
         mse = fvu_loss(x, self.decode(z), ctx.mse_scale)
         l1 = l1_penalty(z, self.W_dec, self.cfg, ctx)
         # encoder and decoder matmuls, each with weight and input gradients (6Bdn each)
-        flops = dense_flops(self.cfg.d_in, self.cfg.n_latents, x.shape[0], matmuls=2)
+        flops = x.shape[0] * self.flops_per_vector(self.cfg)
         return LossOutput(loss=mse + l1, code=z, flops=flops,
                           terms={"mse_loss": mse.detach(), "l1_loss": l1.detach()})

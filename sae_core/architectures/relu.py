@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sae_core.architectures.base import LossOutput, StepContext, fvu_loss, register
-from sae_core.architectures.sparsity import L1Config, L1Family, dense_flops, l1_penalty
+from sae_core.architectures.sparsity import L1Config, L1Family, l1_penalty
 
 
 class ReLUConfig(L1Config):
@@ -40,5 +40,5 @@ class ReLU(L1Family):
         z = self.encode(x)
         mse = fvu_loss(x, self.decode(z), ctx.mse_scale)
         l1 = l1_penalty(z, self.W_dec, self.cfg, ctx)
-        return LossOutput(loss=mse + l1, code=z, flops=dense_flops(self.cfg.d_in, self.cfg.n_latents, x.shape[0]),
+        return LossOutput(loss=mse + l1, code=z, flops=x.shape[0] * self.flops_per_vector(self.cfg),
                           terms={"mse_loss": mse.detach(), "l1_loss": l1.detach()})

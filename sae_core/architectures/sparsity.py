@@ -32,11 +32,6 @@ def l1_penalty(z: torch.Tensor, W_dec: torch.Tensor, cfg: L1Config, ctx: StepCon
     return cfg.l1_coeff * warm * math.sqrt(ctx.mse_scale) * per_latent.sum() / z.shape[0]
 
 
-def dense_flops(d_in: int, n_latents: int, batch: int, matmuls: int = 2) -> float:
-    """Each dense [B, d] x [d, n] matmul costs 2Bdn forward and 4Bdn backward (weight and input gradients)."""
-    return float(6 * d_in * n_latents * batch * matmuls)
-
-
 class L1Family(Architecture):
     """What every L1-penalised family shares: dead latents are resampled 4 times in training (Gao et al.
     appendix B.2), and the unit-norm decoder constraint is dropped when the penalty carries the norms."""

@@ -74,6 +74,12 @@ class TopK(Architecture):
 
     batch_select = False  # BatchTopK selects over the whole batch
 
+    @classmethod
+    def flops_per_vector(cls, cfg: TopKConfig) -> float:
+        # the training decodes: TopK(k), and the wide code too where more are selected (Multi-TopK)
+        decoded = cfg.k + (cfg.encode_k if cfg.encode_k > cfg.k else 0)
+        return float(2 * cfg.d_in * cfg.n_latents + 4 * cfg.d_in * cfg.encode_k + 6 * cfg.d_in * decoded)
+
     def reconstruction_loss(self, x, code: SparseCode, ctx: StepContext, terms: dict):
         """Main loss from the training code; also the inference code, its reconstruction and the number of
         latents per row in each decode (for FLOPs)."""

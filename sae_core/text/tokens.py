@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from sae_core.errors import ConfigError, DataError
-from sae_core.io import _atomic
+from sae_core.io import write_atomic
 from sae_core.text import cache_root
 from sae_core.text.documents import TextSpec, iter_documents, parse_text_spec
 
@@ -171,7 +171,7 @@ def token_rows(tokenizer, text_spec: dict | TextSpec, context_length: int, n_tok
                             f"data.eval_tokens ask for {n_tokens:,}")
         out.flush()
 
-    _atomic(path, build)
+    write_atomic(path, build)
     return np.load(path, mmap_mode="r")
 
 

@@ -1,0 +1,66 @@
+"""`sae-scaling submit` and `logs`: a sweep as a Ray Job on a remote cluster.
+
+The job's working directory is a staging copy of the three packages and the sweep file (shipped by Ray's
+runtime environment); its entrypoint is `sae-scaling run` against the cluster (`--address auto`). The
+cluster's Python must have the project's dependencies. The results root must be absolute and on storage
+the cluster writes: a relative path would land in the job's temporary unpacked copy and be lost.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from orchestrator.scheduler import plan_sweep
+from sae_core.errors import ConfigError
+
+PACKAGES = ("sae_core", "orchestrator", "analysis")
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    if not address.startswith(("http://", "https://")):
+        raise ConfigError(f"--address {address}: the Jobs API needs the dashboard URL, e.g. http://HEAD:8265")
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:  # connection refused, auth, version mismatch: all end the same way
+        raise ConfigError(f"--address {address}: cannot reach the Ray Jobs API ({err})") from None
+
+
+def submit(sweep: str | Path, address: str, results: str) -> str:
+    if not Path(results).is_absolute():
+        raise ConfigError(f"--results {results}: must be an absolute path on storage the cluster writes; a "
+                          "relative one would land in the job's temporary copy of the project")
+    plan_sweep(sweep, results)  # every error found here, before anything is sent
+    client = _client(address)
+    staging = Path(tempfile.mkdtemp(prefix="sae-scaling-job-"))
+    try:
+        for pkg in PACKAGES:
+            shutil.copytree(_ROOT / pkg, staging / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(sweep, staging / "sweep.yaml")
+        return client.submit_job(
+            entrypoint=f"python -m orchestrator.cli run sweep.yaml --address auto --results {results}",
+            runtime_env={"working_dir": str(staging)}, metadata={"sweep": Path(sweep).stem})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def follow_logs(job_id: str, address: str) -> int:
+    from ray.job_submission import JobStatus
+
+    client = _client(address)
+    shown = 0
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        sys.stdout.write(logs[shown:])
+        sys.stdout.flush()
+        shown = len(logs)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            print(f"job {job_id}: {status.value}")
+            return 0 if status == JobStatus.SUCCEEDED else 1
+        time.sleep(1)

@@ -1,0 +1,106 @@
+"""From a validated sweep to its runs and packs.
+
+A run is one SAE: its resolved SAE and trainer configs, the layer it reads, and `run_id`, a hash of
+everything that determines its result (model, hook, data, the resolved configs, evaluation, data order),
+so re-running a sweep finds its finished runs and two grids that share a point share its run.
+
+A pack is a set of runs that read the same activation stream (same data, layer, data order, batch size
+and token budget): one worker trains them in lockstep from one stream, so the model's forward pass and the
+cache reads happen once per batch for the whole pack.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+
+from sae_core.architectures import parse_sae_config
+from sae_core.architectures.base import registry
+from sae_core.config import parse_train_config
+from sae_core.errors import ConfigError
+from orchestrator.spec import SPECIAL_AXES, SweepSpec, sae_keys, train_keys
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    run_id: str
+    arch: str
+    layer: int | None  # None: every hooked layer (multi-layer SAE) or data without layers
+    axes: dict  # this run's grid values (the axes that apply to its architecture)
+    sae: dict  # resolved SAE config
+    train: dict  # resolved trainer config
+    stream: str  # runs with equal streams can share one activation stream
+
+    @property
+    def n_latents(self) -> int:
+        return self.sae["n_latents"]
+
+    def flops(self) -> float:
+        """Estimated training FLOPs: train_tokens x the family's FLOPs per vector (README)."""
+        cfg = parse_sae_config(self.sae)
+        return self.train["train_tokens"] * registry()[self.arch].flops_per_vector(cfg)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_identity(spec: SweepSpec) -> dict:
+    """What determines the training vectors, without run-time knobs (device, batch_rows, cache path)."""
+    data = spec.data.model_dump(mode="json", exclude={"device", "batch_rows"})
+    return {"model": spec.model, "site": spec.hook.site if spec.data.has_model else None, "data": data,
+            "data_seed": spec.data_seed}
+
+
+def _grid_points(spec: SweepSpec):
+    """Dicts of axis values: the product of the axes, each zip group counting as one axis."""
+    zipped = {k for group in spec.zip for k in group}
+    units = [[dict(zip(group, values)) for values in zip(*(spec.grid[k] for k in group))] for group in spec.zip]
+    units += [[{key: v} for v in values] for key, values in spec.grid.items() if key not in zipped]
+    for combo in itertools.product(*units):
+        yield {k: v for part in combo for k, v in part.items()}
+
+
+def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str = "sweep") -> list[RunPlan]:
+    """Every run of the sweep, in grid order, duplicates (axes that do not apply) removed."""
+    runs: dict[str, RunPlan] = {}
+    identity = data_identity(spec)
+    for point in _grid_points(spec):
+        arch = point["arch"]
+        own = sae_keys(arch)
+        axes = {k: v for k, v in point.items() if k in SPECIAL_AXES or k in own or k in train_keys()}
+        override = spec.overrides.get(arch, {})
+        values = {**axes, **override}
+        n = values.get("n_latents") or round(values["expansion_factor"] * d_in)
+        sae = {"arch": arch, "d_in": d_in, "n_latents": n, **{k: v for k, v in spec.sae.items() if k in own},
+               **{k: v for k, v in values.items() if k in own}}
+        where = f"grid point {json.dumps(axes, default=str)}"
+        try:
+            sae_cfg = parse_sae_config(sae, source=source, prefix="")
+            train = {**spec.train, **{k: v for k, v in values.items() if k in train_keys()},
+                     "train_tokens": spec.data.train_tokens, "lr": values.get("lr", "auto"),
+                     "seed": values.get("seed", 0)}
+            train_cfg = parse_train_config(train, source=source, prefix="train")
+        except ConfigError as err:
+            raise ConfigError(f"{err} (at {where})") from None
+        train_dump = train_cfg.model_dump(mode="json")
+        stream = _hash({**identity, "batch_size": train_cfg.batch_size, "train_tokens": train_cfg.train_tokens})
+        for layer in layers:
+            ident = {**identity, "layer": layer, "layers": spec.hook.layers if layer is None else None,
+                     "sae": sae_cfg.model_dump(mode="json"),
+                     "train": {k: v for k, v in train_dump.items() if k not in ("device", "eval_batch_size",
+                                                                                 "checkpoint_every_tokens")},
+                     "eval": spec.eval.model_dump(mode="json")}
+            run_id = _hash(ident)
+            runs.setdefault(run_id, RunPlan(run_id, arch, layer, {**axes, **override}, sae_cfg.model_dump(mode="json"),
+                                            train_dump, f"{stream}-{layer}"))
+    return list(runs.values())
+
+
+def pack_runs(runs: list[RunPlan], pack_size: int) -> list[list[RunPlan]]:
+    """Runs grouped by stream, in chunks of at most pack_size, largest SAEs first (they take longest)."""
+    by_stream: dict[str, list[RunPlan]] = {}
+    for run in sorted(runs, key=lambda r: -r.n_latents):
+        by_stream.setdefault(run.stream, []).append(run)
+    return [group[i:i + pack_size] for group in by_stream.values() for i in range(0, len(group), pack_size)]

@@ -1,0 +1,216 @@
+"""The sweep YAML: typed, validated before anything runs, every error naming the file and the key.
+
+    name: gpt2-l8-topk
+    model: gpt2
+    hook: {site: resid_post_ln, layers: [8]}
+    data: {text: {...}, context_length: 64, train_tokens: 50_000_000, eval_tokens: 1_000_000}
+    grid: {arch: [topk, relu], n_latents: [4096, 16384], k: [16, 32], l1_coeff: [1e-3], lr: [auto], seed: [0]}
+    zip: [[n_latents, lr]]          # axes varied together instead of crossed
+    sae: {normalization: unit_norm} # SAE keys for every architecture that takes them
+    train: {batch_size: 4096}       # every trainer switch (sae_core.config.TrainConfig)
+    overrides: {relu: {lr: 5e-5}}   # per-architecture SAE or train keys
+    eval: {downstream_tokens: 65536}
+    resources: {gpus: auto, cpus: 1}
+    retries: 2
+    pack_size: 8
+    cache_root: /shared/cache       # where activation caches live (every node must see it)
+
+The grid is the product of its axes (a `zip` group counting as one axis); an axis applies only to the
+architectures whose config has that key (k to the TopK family, l1_coeff to the L1 family), so one grid mixes
+architectures; `n_latents` or `expansion_factor` (n = R * d_in) sizes the SAE; the hook's layers are one
+more axis (one SAE per layer) unless hook.multi_layer.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sae_core.architectures import architecture_names
+from sae_core.architectures.base import registry
+from sae_core.config import TrainConfig
+from sae_core.data import DataConfig, HookConfig
+from sae_core.errors import ConfigError, format_error_entry
+from sae_core.evaluation.run import EvalConfig
+
+SPECIAL_AXES = ("arch", "n_latents", "expansion_factor", "lr", "seed")
+_NOT_IN_TRAIN = {"train_tokens", "lr", "seed"}  # set by data.train_tokens and the grid
+_NOT_IN_SAE = {"arch", "d_in", "n_latents"}
+
+
+def sae_keys(arch: str) -> set[str]:
+    return set(registry()[arch].Config.model_fields) - _NOT_IN_SAE
+
+
+def train_keys() -> set[str]:
+    return set(TrainConfig.model_fields) - _NOT_IN_TRAIN
+
+
+def all_axis_keys() -> list[str]:
+    return sorted(set(SPECIAL_AXES) | train_keys() | set().union(*(sae_keys(a) for a in architecture_names())))
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gpus: float | Literal["auto"] = "auto"  # auto: 1 per run where the cluster has GPUs, else CPU-only
+    cpus: float = Field(1, gt=0)  # also caps torch's threads in the run
+    memory_gb: float | None = Field(None, gt=0)  # Ray `memory` per pack
+    custom: dict[str, float] = {}  # custom Ray resources per pack, e.g. {sae_worker: 1} to pick nodes
+
+
+class SweepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    model: str | None = None
+    hook: HookConfig = HookConfig()
+    data: DataConfig
+    grid: dict[str, list[Any]]
+    zip: list[list[str]] = []
+    sae: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    overrides: dict[str, dict[str, Any]] = {}
+    eval: EvalConfig = EvalConfig()
+    resources: Resources = Resources()
+    retries: int = Field(2, ge=0)  # re-runs of a pack whose worker or node died (from its checkpoints)
+    pack_size: int = Field(8, ge=1)  # runs sharing one activation stream trained together by one worker
+    data_seed: int = Field(0, ge=0)  # order of the training vectors, shared by every run
+    # activation and token caches; None: $SAE_SCALING_CACHE or ~/.cache/sae-scaling. On a multi-node cluster,
+    # storage every node can read (the driver builds the cache, the workers read it).
+    cache_root: str | None = None
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _axes_are_lists(cls, grid):
+        if isinstance(grid, dict):
+            return {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
+        return grid
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_keys(cls, grid):
+        known = all_axis_keys()
+        for key, values in grid.items():
+            if key not in known:
+                raise ValueError(f"unknown axis {key!r}{_did_you_mean(key, known)}; allowed: {', '.join(known)}")
+            if not values:
+                raise ValueError(f"axis {key!r} is empty; give at least one value")
+        if "arch" not in grid:
+            raise ValueError(f"needs an `arch` axis; allowed architectures: {', '.join(architecture_names())}")
+        bad = [a for a in grid["arch"] if a not in architecture_names()]
+        if bad:
+            raise ValueError(f"arch: unknown architecture {bad[0]!r}{_did_you_mean(str(bad[0]), architecture_names())};"
+                             f" allowed: {', '.join(architecture_names())}")
+        if ("n_latents" in grid) == ("expansion_factor" in grid):
+            raise ValueError("give exactly one of the axes n_latents and expansion_factor")
+        return grid
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        archs = self.grid["arch"]
+        for key in self.grid:
+            if key not in SPECIAL_AXES and key not in train_keys() and not any(key in sae_keys(a) for a in archs):
+                takers = [a for a in architecture_names() if key in sae_keys(a)]
+                raise ValueError(f"grid.{key}: applies to none of the grid's architectures ({', '.join(archs)}); "
+                                 f"it applies to: {', '.join(takers)}")
+        seen: set[str] = set()
+        for group in self.zip:
+            for key in group:
+                if key not in self.grid:
+                    raise ValueError(f"zip: {key!r} is not an axis of the grid; axes: {', '.join(self.grid)}")
+                if key in seen:
+                    raise ValueError(f"zip: {key!r} appears in two groups")
+                seen.add(key)
+            lengths = {len(self.grid[k]) for k in group}
+            if len(lengths) > 1:
+                raise ValueError(f"zip: the axes {', '.join(group)} must have equal lengths (got "
+                                 f"{', '.join(str(len(self.grid[k])) for k in group)})")
+        for key in self.sae:
+            if key in _NOT_IN_SAE or not any(key in sae_keys(a) for a in archs):
+                raise ValueError(f"sae.{key}: not a key of the grid's architectures; allowed: "
+                                 f"{', '.join(sorted(set().union(*(sae_keys(a) for a in archs))))}")
+        for key in self.train:
+            if key not in train_keys():
+                hint = " (set by data.train_tokens)" if key == "train_tokens" else (
+                    " (a grid axis)" if key in _NOT_IN_TRAIN else _did_you_mean(key, sorted(train_keys())))
+                raise ValueError(f"train.{key}: not a trainer key{hint}; allowed: {', '.join(sorted(train_keys()))}")
+        for arch, keys in self.overrides.items():
+            if arch not in archs:
+                raise ValueError(f"overrides.{arch}: not an architecture of the grid; allowed: {', '.join(archs)}")
+            allowed = sae_keys(arch) | train_keys() | {"lr", "seed"}
+            for key in keys:
+                if key not in allowed:
+                    raise ValueError(f"overrides.{arch}.{key}: does not apply to {arch}"
+                                     f"{_did_you_mean(key, sorted(allowed))}; allowed: {', '.join(sorted(allowed))}")
+        if self.data.has_model and not self.model:
+            raise ValueError("model: required with data.text (a hub id, a local folder, or `embedded`)")
+        if not self.data.has_model and self.model:
+            raise ValueError("model: give it with data.text only; data.activations / data.synthetic bring the "
+                             "vectors themselves")
+        return self
+
+
+def _did_you_mean(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_spec(data: Any, source: str = "sweep") -> SweepSpec:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the sweep must be a mapping of keys (name, model, hook, data, grid, ...)")
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, source)) from None
+
+
+def _explain(err, source: str) -> str:
+    """One line per problem; unknown keys get the allowed keys of their section and a did-you-mean."""
+    lines = []
+    for e in err.errors():
+        if e["type"] == "extra_forbidden":
+            loc = [str(p) for p in e["loc"]]
+            allowed = _section_keys(loc[:-1])
+            key = ".".join(loc)
+            lines.append(f"{source}: {key}: unknown key{_did_you_mean(loc[-1], allowed)}; allowed: "
+                         f"{', '.join(allowed)}")
+        else:
+            lines.append(format_error_entry(e, source))
+    return "\n".join(lines)
+
+
+def _section_keys(path: list[str]) -> list[str]:
+    model: Any = SweepSpec
+    for part in path:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        model = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type)
+                      and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: sweep file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    return parse_spec(data, str(path))
+
+
+def json_schema() -> str:
+    """The JSON Schema of the sweep YAML, for editors (yaml-language-server: $schema=...)."""
+    return json.dumps(SweepSpec.model_json_schema(), indent=1)

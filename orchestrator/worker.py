@@ -1,0 +1,163 @@
+"""What a worker does with a pack: train its runs in lockstep from one shared activation stream, evaluate
+each, and write each run's results the moment it is finished.
+
+The function is plain Python (no Ray in here): the scheduler runs it as a Ray task, tests call it directly.
+A retried pack starts again from the top: finished runs are skipped (their rows exist), interrupted runs
+resume from their checkpoints, and a run another process holds the lock of is left to that process.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+import traceback
+from collections import OrderedDict
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+
+from orchestrator.plan import RunPlan, data_identity
+from orchestrator.spec import SweepSpec, parse_spec
+from orchestrator.store import ResultsStore
+from sae_core.data import ActivationData
+from sae_core.evaluation.run import RunEvaluation, evaluate_run
+from sae_core.evaluation.downstream import null_downstream
+from sae_core.sources.base import ActivationSource
+from sae_core.trainer import RunResult, Trainer
+
+PROGRESS_EVERY_S = 2.0
+
+
+class SharedStream(ActivationSource):
+    """One activation source read by several trainers stepping in lockstep: each batch is produced once
+    (one model forward or cache read for the whole pack) and handed to every trainer."""
+
+    def __init__(self, source: ActivationSource, keep: int = 4):
+        self.source, self.keep, self.d_in = source, keep, source.d_in
+        self.produced = 0  # batches actually read from the source
+        self._recent: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+
+    def train_batch(self, step: int, batch_size: int) -> torch.Tensor:
+        key = (step, batch_size)
+        if key not in self._recent:
+            self._recent[key] = self.source.train_batch(step, batch_size)
+            self.produced += 1
+            while len(self._recent) > self.keep:
+                self._recent.popitem(last=False)
+        return self._recent[key]
+
+    def eval_set(self) -> torch.Tensor:
+        return self.source.eval_set()
+
+    def sample(self, n: int) -> torch.Tensor:
+        return self.train_batch(0, n)  # the same key in every trainer of the pack
+
+    def __getattr__(self, name):  # eval_layer_ids and the like of multi-layer sources
+        return getattr(self.source, name)
+
+
+@dataclass
+class _Active:
+    plan: RunPlan
+    trainer: Trainer
+    steps: object  # the trainer's run_steps generator
+    started: datetime
+    tokens: int = 0
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def run_row(spec: SweepSpec, plan: RunPlan, result: RunResult | None, evaluation: dict, started: datetime,
+            error: str | None = None) -> dict:
+    """The runs-table row of one run (columns in README and SPEC.md)."""
+    layers = spec.hook.layers if plan.layer is None else [plan.layer]
+    row = {
+        "run_id": plan.run_id, "sweep": spec.name, "status": result.status if result else "failed",
+        "error": (result.error if result else None) or error, "arch": plan.arch, "n_latents": plan.n_latents,
+        "expansion_factor": plan.axes.get("expansion_factor"), "k": plan.sae.get("k"),
+        "lr": result.lr if result else None, "l1_coeff": plan.sae.get("l1_coeff"), "seed": plan.train["seed"],
+        "model": spec.model, "hook": spec.hook.site if spec.data.has_model else None, "layer": plan.layer,
+        "layers": ",".join(map(str, layers)) if spec.data.has_model else None, "d_in": plan.sae["d_in"],
+        "batch_size": plan.train["batch_size"],
+        "tokens": result.tokens if result else None, "steps": result.steps if result else None,
+        "flops": result.flops if result else None, "wall_seconds": result.wall_seconds if result else None,
+        "device": result.device if result else None, **(result.metrics if result else {}),
+        "ema_used": result.ema_used if result else None, **evaluation,
+        "config_json": json.dumps({"sae": plan.sae, "train": plan.train, "axes": plan.axes,
+                                   "data": data_identity(spec), "eval": spec.eval.model_dump(mode="json")},
+                                  sort_keys=True, default=str),
+        "started_at": started, "finished_at": _now(),
+    }
+    return {**row, **{k: v for k, v in plan.axes.items() if k not in row}}  # every swept key is a column
+
+
+def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root: str | None = None,
+               threads: int | None = None) -> dict[str, str]:
+    """Train and evaluate a pack; returns run_id -> status for the runs this call finished.
+    cache_root: the driver's cache root (activations and token rows), which it has already filled."""
+    if cache_root:
+        os.environ["SAE_SCALING_CACHE"] = cache_root
+    spec = parse_spec(spec_data)
+    plans = [RunPlan(**r) for r in runs]
+    store = ResultsStore(results_root, spec.name)
+    if threads:
+        torch.set_num_threads(threads)  # a reused Ray worker keeps the thread count of its first task
+    finished: dict[str, str] = {}
+    with ExitStack() as stack:
+        done = store.done()
+        owned = [p for p in plans if p.run_id not in done and stack.enter_context(store.lock(p.run_id))]
+        if not owned:
+            return finished
+        data = ActivationData(spec.model, spec.hook, spec.data).prepare()
+        layer = owned[0].layer
+        stream = SharedStream(data.source(layer, seed=spec.data_seed))
+        hook = data.hook_meta()
+        if hook is not None and layer is not None:
+            hook = {**hook, "layers": [layer]}
+        active = []
+        for plan in owned:
+            trainer = Trainer(plan.sae, plan.train, stream, store.sae_dir(plan.run_id),
+                              meta={"hook": hook, "run_id": plan.run_id, "sweep": spec.name, "axes": plan.axes})
+            active.append(_Active(plan, trainer, trainer.run_steps(), _now()))
+        results: list[tuple[_Active, RunResult | None, str | None]] = []
+        # the model and held-out rows for splicing, loaded once per pack when the first run needs them
+        splicer = functools.cache(lambda: data.downstream(spec.eval.batch_tokens, spec.eval.downstream_tokens)
+                                  if spec.eval.downstream else (None, "eval.downstream is off"))
+        last_report = 0.0
+        while active:
+            for run in list(active):
+                try:
+                    run.tokens = next(run.steps)
+                except StopIteration as stop:
+                    results.append((run, stop.value, None))
+                    active.remove(run)
+                except Exception:  # a bug or out-of-memory in one run must not take the pack down with it
+                    results.append((run, None, traceback.format_exc(limit=-3)))
+                    active.remove(run)
+            if time.time() - last_report > PROGRESS_EVERY_S or not active:
+                for run in active:
+                    store.write_progress(run.plan.run_id, run.tokens, run.plan.train["train_tokens"], run.started)
+                last_report = time.time()
+            for run, result, error in results:
+                finished[run.plan.run_id] = _finish(spec, data, stream, run, result, error, store, layer, splicer)
+            results.clear()
+    return finished
+
+
+def _finish(spec: SweepSpec, data: ActivationData, stream: SharedStream, run: _Active, result: RunResult | None,
+            error: str | None, store: ResultsStore, layer: int | None, splicer) -> str:
+    evaluation = RunEvaluation(null_downstream("run failed" if result is None else f"run {result.status}"))
+    if result is not None and result.status == "ok":
+        downstream, reason = splicer()
+        layers = [] if not spec.data.has_model else ([layer] if layer is not None else data.layers)
+        layer_ids = stream.eval_layer_ids() if layer is None and spec.data.has_model else None
+        evaluation = evaluate_run(result.sae, stream.eval_set(), spec.eval, layers, downstream, reason,
+                                  layer_ids=layer_ids, l0=result.metrics["l0"])
+    row = run_row(spec, run.plan, result, evaluation.metrics, run.started, error)
+    store.write_run(row, result.curve if result else [], evaluation.layers, evaluation.recovery)
+    return row["status"]
