@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sae_core.architectures import parse_sae_config
 from sae_core.architectures.base import registry
-from sae_core.config import parse_train_config
+from sae_core.config import parse_train_config, with_family_defaults
 from sae_core.errors import ConfigError
 from orchestrator.spec import SPECIAL_AXES, SweepSpec, sae_keys, train_keys
 
@@ -35,6 +35,12 @@ class RunPlan:
     @property
     def n_latents(self) -> int:
         return self.sae["n_latents"]
+
+    def memory_bytes(self) -> int:
+        """Training memory estimate: fp32 weights, gradients and two Adam moments of both [n, d] matrices,
+        plus a dense [batch, n] pre-activation and its gradient."""
+        n, d, batch = self.n_latents, self.sae["d_in"], self.train["batch_size"]
+        return 4 * (4 * 2 * n * d + 2 * batch * n)
 
     def flops(self) -> float:
         """Estimated training FLOPs: train_tokens x the family's FLOPs per vector (README)."""
@@ -75,13 +81,15 @@ def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str 
         n = values.get("n_latents") or round(values["expansion_factor"] * d_in)
         sae = {"arch": arch, "d_in": d_in, "n_latents": n, **{k: v for k, v in spec.sae.items() if k in own},
                **{k: v for k, v in values.items() if k in own}}
-        where = f"grid point {json.dumps(axes, default=str)}"
+        where = f"grid point {json.dumps(axes, default=str)}" + (
+            f" with overrides.{arch} {json.dumps(override, default=str)}" if override else "")
         try:
             sae_cfg = parse_sae_config(sae, source=source, prefix="")
             train = {**spec.train, **{k: v for k, v in values.items() if k in train_keys()},
                      "train_tokens": spec.data.train_tokens, "lr": values.get("lr", "auto"),
                      "seed": values.get("seed", 0)}
-            train_cfg = parse_train_config(train, source=source, prefix="train")
+            train_cfg = with_family_defaults(parse_train_config(train, source=source, prefix="train"),
+                                             registry()[arch].train_defaults)
         except ConfigError as err:
             raise ConfigError(f"{err} (at {where})") from None
         train_dump = train_cfg.model_dump(mode="json")
@@ -98,9 +106,22 @@ def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str 
     return list(runs.values())
 
 
-def pack_runs(runs: list[RunPlan], pack_size: int) -> list[list[RunPlan]]:
-    """Runs grouped by stream, in chunks of at most pack_size, largest SAEs first (they take longest)."""
+def pack_runs(runs: list[RunPlan], pack_size: int, memory_bytes: float | None = None) -> list[list[RunPlan]]:
+    """Runs grouped by stream, largest SAEs first (they take longest), in packs of at most pack_size runs and,
+    when the worker's memory is given, at most that much estimated training memory (a run larger than the
+    budget alone still gets its own pack)."""
     by_stream: dict[str, list[RunPlan]] = {}
     for run in sorted(runs, key=lambda r: -r.n_latents):
         by_stream.setdefault(run.stream, []).append(run)
-    return [group[i:i + pack_size] for group in by_stream.values() for i in range(0, len(group), pack_size)]
+    packs = []
+    for group in by_stream.values():
+        pack, used = [], 0
+        for run in group:
+            need = run.memory_bytes()
+            if pack and (len(pack) == pack_size or (memory_bytes is not None and used + need > memory_bytes)):
+                packs.append(pack)
+                pack, used = [], 0
+            pack.append(run)
+            used += need
+        packs.append(pack)
+    return packs

@@ -22,7 +22,7 @@ from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.store import DONE, ResultsStore
 from orchestrator.worker import run_row, train_pack
 from sae_core.data import ActivationData
-from sae_core.errors import ConfigError
+from sae_core.errors import ConfigError, SAEScalingError
 from sae_core.evaluation.downstream import null_downstream
 from sae_core.text import cache_root as default_cache_root
 
@@ -43,7 +43,10 @@ def plan_sweep(path: str | Path, results: str | Path = "results") -> Sweep:
     spec = load_spec(path)
     if spec.cache_root:
         os.environ["SAE_SCALING_CACHE"] = str(Path(spec.cache_root).expanduser().resolve())
-    data = ActivationData(spec.model, spec.hook, spec.data).prepare(build=False)
+    try:
+        data = ActivationData(spec.model, spec.hook, spec.data).prepare(build=False)
+    except SAEScalingError as err:
+        raise type(err)(f"{path}: {err}") from None
     runs = plan_runs(spec, data.d_in, data.run_layers(), source=str(path))
     return Sweep(spec, Path(path).read_text(), data, runs, ResultsStore(results, spec.name))
 
@@ -178,9 +181,10 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
     if dashboard:
         echo(f"Ray dashboard: http://{dashboard}")
     remote = ray.remote(train_pack).options(**options)
-    spec_data = sweep.spec.model_dump(mode="json")
+    spec_data = sweep.spec.model_dump(mode="json", exclude_unset=True)
     threads = max(1, int(sweep.spec.resources.cpus))
-    packs = pack_runs(todo, sweep.spec.pack_size)
+    memory = sweep.spec.resources.memory_gb * 2**30 if sweep.spec.resources.memory_gb else None
+    packs = pack_runs(todo, sweep.spec.pack_size, memory)
     waiting = list(packs)
     in_flight: dict = {}
     statuses: dict[str, str] = {}

@@ -33,9 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sae_core.architectures import architecture_names
 from sae_core.architectures.base import registry
 from sae_core.config import TrainConfig
-from sae_core.data import DataConfig, HookConfig
-from sae_core.errors import ConfigError, format_error_entry
+from sae_core.data import SYNTHETIC_KEYS, DataConfig, HookConfig
+from sae_core.errors import ConfigError, DataError, format_error_entry, merge_union_errors
 from sae_core.evaluation.run import EvalConfig
+from sae_core.sources.files import expand_paths
 
 SPECIAL_AXES = ("arch", "n_latents", "expansion_factor", "lr", "seed")
 _NOT_IN_TRAIN = {"train_tokens", "lr", "seed"}  # set by data.train_tokens and the grid
@@ -147,6 +148,10 @@ class SweepSpec(BaseModel):
                 if key not in allowed:
                     raise ValueError(f"overrides.{arch}.{key}: does not apply to {arch}"
                                      f"{_did_you_mean(key, sorted(allowed))}; allowed: {', '.join(sorted(allowed))}")
+        for key in self.data.synthetic or {}:
+            if key not in SYNTHETIC_KEYS:
+                hint = " (set by data.eval_tokens)" if key == "n_eval" else _did_you_mean(key, SYNTHETIC_KEYS)
+                raise ValueError(f"data.synthetic.{key}: unknown key{hint}; allowed: {', '.join(SYNTHETIC_KEYS)}")
         if self.data.has_model and not self.model:
             raise ValueError("model: required with data.text (a hub id, a local folder, or `embedded`)")
         if not self.data.has_model and self.model:
@@ -172,14 +177,21 @@ def parse_spec(data: Any, source: str = "sweep") -> SweepSpec:
 def _explain(err, source: str) -> str:
     """One line per problem; unknown keys get the allowed keys of their section and a did-you-mean."""
     lines = []
-    for e in err.errors():
+    errors = merge_union_errors(err.errors())
+    # a misspelt required key (data.train_token) is reported as unknown with its did-you-mean, not also as missing
+    meant = set()
+    for e in errors:
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(e["loc"][-1]), _section_keys([str(p) for p in e["loc"][:-1]]), n=1)
+            meant |= {(*e["loc"][:-1], c) for c in close}
+    for e in errors:
         if e["type"] == "extra_forbidden":
             loc = [str(p) for p in e["loc"]]
             allowed = _section_keys(loc[:-1])
             key = ".".join(loc)
             lines.append(f"{source}: {key}: unknown key{_did_you_mean(loc[-1], allowed)}; allowed: "
                          f"{', '.join(allowed)}")
-        else:
+        elif not (e["type"] == "missing" and tuple(e["loc"]) in meant):
             lines.append(format_error_entry(e, source))
     return "\n".join(lines)
 
@@ -208,7 +220,13 @@ def load_spec(path: str | Path) -> SweepSpec:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
-    return parse_spec(data, str(path))
+    spec = parse_spec(data, str(path))
+    if spec.data.activations is not None:  # the cheap check here, so the message names the sweep file and key
+        try:
+            expand_paths(spec.data.activations)
+        except DataError as err:
+            raise DataError(f"{path}: data.activations: {err}") from None
+    return spec
 
 
 def json_schema() -> str:

@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +56,15 @@ def write_parquet_atomic(path: Path, rows: list[dict], schema: dict | None = Non
         fields.append(pa.field(name, pa.float64() if pa.types.is_null(typ) else typ))
     table = pa.Table.from_pylist(rows, schema=pa.schema(fields))
     write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node this process runs on (several nodes can share a host), or None outside Ray."""
+    ray = sys.modules.get("ray")  # never import Ray just for this
+    try:
+        return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+    except Exception:  # a half-started or shutting-down Ray: the id is informative only
+        return None
 
 
 class ResultsStore:
@@ -116,18 +126,25 @@ class ResultsStore:
 
     # --- coordination between processes ------------------------------------------------------------
     @contextmanager
-    def lock(self, run_id: str):
-        """Yields True if this process now owns the run (held until the block ends), False if another does.
-        flock is released by the kernel when a process dies, so a crashed owner never blocks a resume."""
+    def lock(self, run_id: str, wait_s: float = 0.0):
+        """Yields True if this process now owns the run (held until the block ends), False if another still
+        does after wait_s seconds. flock is released by the kernel when a process dies, so a crashed owner
+        never blocks a resume; the wait covers a retried pack that starts while its dying predecessor (e.g.
+        on a node being torn down) still holds the lock."""
         path = self.dir / "locks" / f"{run_id}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.time() + wait_s
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.time() >= deadline:
+                        yield False
+                        return
+                    time.sleep(0.2)
             yield True
         finally:
             os.close(fd)
@@ -135,7 +152,7 @@ class ResultsStore:
     def write_progress(self, run_id: str, tokens: int, total: int, started: float) -> None:
         write_json_atomic(self.dir / "progress" / f"{run_id}.json",
                           {"tokens": tokens, "total": total, "started": started, "updated": time.time(),
-                           "pid": os.getpid(), "host": socket.gethostname()})
+                           "pid": os.getpid(), "host": socket.gethostname(), "node": _ray_node_id()})
 
     def progress(self) -> dict[str, dict]:
         out = {}

@@ -29,6 +29,7 @@ from sae_core.sources.base import ActivationSource
 from sae_core.trainer import RunResult, Trainer
 
 PROGRESS_EVERY_S = 2.0
+LOCK_WAIT_S = 10.0  # how long a pack waits for a run's lock before leaving the run to its holder
 
 
 class SharedStream(ActivationSource):
@@ -110,7 +111,8 @@ def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root:
     finished: dict[str, str] = {}
     with ExitStack() as stack:
         done = store.done()
-        owned = [p for p in plans if p.run_id not in done and stack.enter_context(store.lock(p.run_id))]
+        owned = [p for p in plans if p.run_id not in done and stack.enter_context(store.lock(p.run_id, LOCK_WAIT_S))]
+        owned = [p for p in owned if p.run_id not in store.done()]  # finished while we waited for its lock
         if not owned:
             return finished
         data = ActivationData(spec.model, spec.hook, spec.data).prepare()

@@ -66,5 +66,10 @@ class TrainConfig(BaseModel):
         return math.ceil(self.train_tokens / self.batch_size)
 
 
+def with_family_defaults(cfg: TrainConfig, family_defaults: dict) -> TrainConfig:
+    """The family's own training settings (e.g. JumpReLU's Adam beta1 = 0) for the keys the user left unset."""
+    return cfg.model_copy(update={k: v for k, v in family_defaults.items() if k not in cfg.model_fields_set})
+
+
 def parse_train_config(data: dict | TrainConfig, source: str = "config", prefix: str = "train") -> TrainConfig:
     return validate(TrainConfig, data, source, prefix)

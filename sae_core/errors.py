@@ -4,6 +4,7 @@ The CLI prints the message alone (no traceback) and exits non-zero, so the messa
 """
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -36,9 +37,41 @@ def format_error_entry(e: dict, source: str = "config", prefix: str = "") -> str
     return f"{source}: {key}: {msg}{shown}"
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "bytes", "dict", "list", "none"}
+
+
+def _union_tag(part: Any) -> bool:
+    """pydantic names the union member an error comes from in its loc (`float`, `literal['auto']`, `list[int]`)."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or re.fullmatch(r"[\w-]+\[.*\]", part) is not None)
+
+
+def merge_union_errors(errors: list[dict]) -> list[dict]:
+    """pydantic reports a value that no member of a union accepts once per member, each loc naming the member
+    (`lr.float`, `lr.literal['auto']`): merge those into one error at the field's own loc."""
+    out: list[dict] = []
+    groups: dict[tuple, dict] = {}
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        cut = next((i for i, p in enumerate(loc) if _union_tag(p)), None)
+        if cut is None:
+            out.append(e)
+            continue
+        rest = ".".join(str(p) for p in loc[cut + 1:] if not _union_tag(p))
+        msg = e["msg"].removeprefix("Value error, ") + (f" (at {rest})" if rest else "")
+        group = groups.get(loc[:cut])
+        if group is None:
+            group = groups[loc[:cut]] = {"type": "union", "loc": loc[:cut], "msg": msg, "input": None}
+            out.append(group)
+        else:
+            group["msg"] += f"; or {msg}"
+        if len(loc) == cut + 1:  # the member saw the whole value
+            group["input"] = e.get("input")
+    return out
+
+
 def format_pydantic_error(err, source: str = "config", prefix: str = "") -> str:
     """One line per problem."""
-    return "\n".join(format_error_entry(e, source, prefix) for e in err.errors())
+    return "\n".join(format_error_entry(e, source, prefix) for e in merge_union_errors(err.errors()))
 
 
 def validate(model_cls: type[Model], data: Any, source: str = "config", prefix: str = "") -> Model:

@@ -19,7 +19,7 @@ import torch
 from sae_core.architectures import LossOutput, SAEConfig, StepContext, parse_sae_config
 from sae_core.architectures.base import registry
 from sae_core.checkpoint import STATE_FILE, TrainerState, load_checkpoint, save_checkpoint
-from sae_core.config import TrainConfig, parse_train_config
+from sae_core.config import TrainConfig, parse_train_config, with_family_defaults
 from sae_core.errors import ConfigError
 from sae_core.geometric_median import geometric_median
 from sae_core.evaluation.reconstruction import Evaluation, evaluate, save_latent_stats
@@ -81,7 +81,7 @@ class Trainer:
         family = registry()[self.sae_cfg.arch]
         cfg = parse_train_config(train_cfg)
         # the family's own training settings, for the keys the user left at their defaults
-        self.cfg = cfg.model_copy(update={k: v for k, v in family.train_defaults.items() if k not in cfg.model_fields_set})
+        self.cfg = with_family_defaults(cfg, family.train_defaults)
         resamples = family.default_resamples if self.cfg.resample_dead is None else self.cfg.resample_dead
         total = self.cfg.steps()
         self.resample_steps = {round(total * i / (resamples + 1)) for i in range(1, resamples + 1)} - {0}

@@ -5,6 +5,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # token rows, the embedded corpus and activation caches go to a fresh folder, never the user's home cache
 os.environ.setdefault("SAE_SCALING_CACHE", tempfile.mkdtemp(prefix="sae-scaling-test-cache-"))  # tests never reach a hub: everything loads from disk
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray (orchestration tests): set before anything imports ray. No telemetry, no token file, loopback only.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest
 import torch
@@ -56,3 +60,34 @@ def tiny_models(tmp_path_factory):
         tok.save_pretrained(folder)
         out[kind] = folder
     return out
+
+
+# --- Ray ------------------------------------------------------------------------------------------------
+RAY_LOCAL_OPTIONS = dict(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024**2,
+                         log_to_driver=False, configure_logging=False)
+
+
+@pytest.fixture(scope="session")
+def _ray_local_session():
+    """The GCS address of the session's local Ray (started on first use), shut down at the end."""
+    state: dict = {}
+    yield state
+    import ray
+
+    if state.get("gcs") and ray.is_initialized() and ray.get_runtime_context().gcs_address == state["gcs"]:
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_local_session):
+    """One local 2-CPU Ray for the whole session (`run_sweep` reuses it). A module that needs another cluster
+    (tests/test_orchestration_cluster.py) shuts it down; the next test asking for it then starts a new one."""
+    import ray
+
+    state = _ray_local_session
+    if not (ray.is_initialized() and ray.get_runtime_context().gcs_address == state.get("gcs")):
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(**RAY_LOCAL_OPTIONS)
+        state["gcs"] = ray.get_runtime_context().gcs_address
+    return ray

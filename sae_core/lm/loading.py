@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # a progress bar per model load would bury the sweep's own progress line
 
 from sae_core.errors import DataError
 

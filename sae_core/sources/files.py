@@ -121,7 +121,7 @@ def _open_parquet(path: str) -> _Shard:
 _OPENERS = {".npy": _open_npy, ".safetensors": _open_safetensors, ".parquet": _open_parquet}
 
 
-def _expand(paths) -> list[str]:
+def expand_paths(paths) -> list[str]:
     """Files named or matched by each entry, each glob's matches sorted."""
     entries = [paths] if isinstance(paths, (str, Path)) else list(paths)
     files = []
@@ -163,8 +163,8 @@ class FileSource(ActivationSource):
         check_arg(shuffle_buffer is None or (is_int(shuffle_buffer) and shuffle_buffer >= 1), "shuffle_buffer",
                   "an integer >= 1 or None", shuffle_buffer)
         self.seed, self.shuffle_buffer = int(seed), shuffle_buffer
-        self._shards = [_open(path) for path in _expand(paths)]
-        eval_shards = [_open(path) for path in _expand(eval_paths)] if eval_paths is not None else []
+        self._shards = [_open(path) for path in expand_paths(paths)]
+        eval_shards = [_open(path) for path in expand_paths(eval_paths)] if eval_paths is not None else []
         first = self._shards[0]
         for shard in self._shards[1:] + eval_shards:
             if shard.data.shape[1] != first.data.shape[1]:
