@@ -26,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from orchestrator.jobs import submit
 
-    print(submit(args.sweep, args.address, args.results))
+    print(submit(args.sweep, args.address, args.results, args.python))
     return 0
 
 
@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("sweep")
     submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
     submit.add_argument("--results", required=True, help="results root on storage the cluster writes (absolute)")
+    submit.add_argument("--python", default="python",
+                        help="the cluster's Python that has the project's dependencies (default: python)")
     submit.set_defaults(func=_submit)
 
     logs = sub.add_parser("logs", help="follow a submitted sweep's log until it ends")

@@ -7,6 +7,7 @@ the cluster writes: a relative path would land in the job's temporary unpacked c
 """
 from __future__ import annotations
 
+import shlex
 import shutil
 import sys
 import tempfile
@@ -31,7 +32,8 @@ def _client(address: str):
         raise ConfigError(f"--address {address}: cannot reach the Ray Jobs API ({err})") from None
 
 
-def submit(sweep: str | Path, address: str, results: str) -> str:
+def submit(sweep: str | Path, address: str, results: str, python: str = "python") -> str:
+    """python: the interpreter on the cluster that has the project's dependencies (torch, ray, ...)."""
     if not Path(results).is_absolute():
         raise ConfigError(f"--results {results}: must be an absolute path on storage the cluster writes; a "
                           "relative one would land in the job's temporary copy of the project")
@@ -43,7 +45,8 @@ def submit(sweep: str | Path, address: str, results: str) -> str:
             shutil.copytree(_ROOT / pkg, staging / pkg, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy(sweep, staging / "sweep.yaml")
         return client.submit_job(
-            entrypoint=f"python -m orchestrator.cli run sweep.yaml --address auto --results {results}",
+            entrypoint=f"{shlex.quote(python)} -m orchestrator.cli run sweep.yaml --address auto "
+                       f"--results {shlex.quote(results)}",
             runtime_env={"working_dir": str(staging)}, metadata={"sweep": Path(sweep).stem})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
