@@ -50,6 +50,13 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from sae_core.export import export
+
+    print(export(args.run_dir, args.format, args.out))
+    return 0
+
+
 def _schema(args: argparse.Namespace) -> int:
     from orchestrator.spec import json_schema
 
@@ -99,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--columns", help="comma-separated columns")
     results.add_argument("--format", choices=["table", "csv", "json"], default="table")
     results.set_defaults(func=_results)
+
+    export = sub.add_parser("export", help="write an SAE in a peer's on-disk format (SAELens, sparsify)")
+    export.add_argument("run_dir", help="results/<sweep>/saes/<run_id> (or any folder SAE.save wrote)")
+    export.add_argument("--format", required=True, help="saelens or sparsify")
+    export.add_argument("out", help="output folder")
+    export.set_defaults(func=_export)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the sweep YAML (for editors)")
     schema.set_defaults(func=_schema)
