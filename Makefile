@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml Makefile
 test: setup
 	$(BIN)/python -m pytest -q
 
+# the quickstart sweep end to end: train (resumable; a re-run reuses the cache and finished runs), fit, figures
 quickstart: setup
-	$(BIN)/sae-scaling demo
+	@start=$$(date +%s) && \
+	$(BIN)/sae-scaling run sweeps/quickstart.yaml && \
+	$(BIN)/sae-scaling fit results/quickstart && \
+	$(BIN)/sae-scaling figures results/quickstart && \
+	echo "quickstart: $$(( $$(date +%s) - start )) s (setup not included)"
 
 bench: setup
 	$(BIN)/python bench/train_step.py

@@ -23,6 +23,7 @@ import pandas as pd
 from scipy.optimize import least_squares
 from scipy.special import expit
 
+from analysis.frontier import lower_envelope
 from sae_core.errors import DataError
 
 N_BOOT = 200
@@ -201,10 +202,12 @@ def _require(df: pd.DataFrame, cols: Sequence[str], who: str) -> None:
         raise DataError(f"{who}: needs columns {', '.join(cols)}; missing {', '.join(missing)}")
 
 
-def _need_distinct(values: np.ndarray, n: int, who: str, what: str) -> None:
+def _need_distinct(values: np.ndarray, n: int, who: str, what: str, flagged: Sequence = ()) -> None:
     got = len(np.unique(values))
     if got < n:
-        raise DataError(f"{who}: needs at least {n} distinct {what}, got {got}")
+        why = (f" among converged runs ({len(flagged)} left out as not converged; converged_only=False fits "
+               "them at their token budget)") if len(flagged) else ""
+        raise DataError(f"{who}: needs at least {n} distinct {what}, got {got}{why}")
 
 
 def _ids(d: pd.DataFrame) -> pd.Series:
@@ -262,13 +265,14 @@ def fit_lofn(runs: pd.DataFrame, by: str | Sequence[str] | None = None, converge
             try:
                 out[key] = fit_lofn(group, None, converged_only, n_boot, seed)
             except DataError as err:
-                warnings.warn(f"fit_lofn: skipped group {dict(zip(keys, np.atleast_1d(key)))}: {err}", stacklevel=2)
+                named = dict(zip(keys, key if len(keys) > 1 else (key,)))
+                warnings.warn(f"fit_lofn: skipped group {named}: {err}", stacklevel=2)
         if not out:
             raise DataError(f"fit_lofn: no group of {', '.join(keys)} has 3 distinct n_latents with status ok")
         return out
     d, flagged, excluded = _select(runs, "fit_lofn", ["n_latents", "nmse"], converged_only)
     n, y = _column(d, "n_latents"), _column(d, "nmse")
-    _need_distinct(n, 3, "fit_lofn", "n_latents")
+    _need_distinct(n, 3, "fit_lofn", "n_latents", flagged)
     fit = _fit_offset_power(n, y, law="lofn", var="n_latents", symbol="n", n_boot=n_boot, seed=seed)
     fit.extra["power_law"] = _fit_offset_power(n, y, law="lofn_power", var="n_latents", symbol="n", offset=False,
                                                n_boot=n_boot, seed=seed)
@@ -310,23 +314,24 @@ def loc_frontier(curves: pd.DataFrame, x: str = "flops", y: str = "nmse") -> pd.
     _require(curves, ["run_id", x, y], "loc_frontier")
     d = curves[["run_id", x, y]].copy()
     d[x], d[y] = _column(d, x), _column(d, y)
-    d = d[np.isfinite(d[x]) & np.isfinite(d[y])].sort_values([x, y, "run_id"], kind="mergesort")
-    ys = d[y].to_numpy()
-    below = ys < np.minimum.accumulate(np.r_[np.inf, ys[:-1]])  # ties at the same x sort higher y later
-    return d[below][[x, y, "run_id"]].reset_index(drop=True)
+    d = d[np.isfinite(d[x]) & np.isfinite(d[y])].sort_values("run_id", kind="mergesort")
+    return d.iloc[lower_envelope(d[x].to_numpy(), d[y].to_numpy())][[x, y, "run_id"]].reset_index(drop=True)
 
 
-def fit_loc(curves: pd.DataFrame, x: str = "flops", y: str = "nmse", holdout_frac: float = 0.2,
-            n_boot: int = N_BOOT, seed: int = SEED) -> Fit:
-    """L(C) = c + a·C^b over the compute frontier: training curves of every run, x = compute (points at
-    x ≤ 0, e.g. step 0, are left out: no log), lower envelope (`loc_frontier`, kept in
-    `fit.extra["frontier"]`), then the same fit as L(N). The holdout leaves out the largest `holdout_frac`
-    of the frontier's points (at least one)."""
+def fit_loc(curves: pd.DataFrame, x: str = "flops", y: str = "nmse", x_min: float | None = None,
+            x_max: float | None = None, holdout_frac: float = 0.2, n_boot: int = N_BOOT, seed: int = SEED) -> Fit:
+    """L(C) = c + a·C^b over the compute frontier: the lower envelope of every run's training curve
+    (`loc_frontier` over points with x > 0, so step 0 is left out; kept in `fit.extra["frontier"]`), fitted
+    like L(N) over the frontier points with x_min ≤ x ≤ x_max (default: all of them). Set the range when the
+    frontier's ends are not compute-limited: below the C at which the smallest run first gets near its best,
+    the frontier is that run's warm-up; beyond the largest run's, a converged run's plateau. Both bend the
+    fitted exponent. The holdout leaves out the largest `holdout_frac` of the fitted points (at least one)."""
     _require(curves, ["run_id", x, y], "fit_loc")
-    d = curves[(pd.to_numeric(curves[x]) > 0) & (pd.to_numeric(curves[y]) > 0)]
-    front = loc_frontier(d, x, y)
+    front = loc_frontier(curves[(pd.to_numeric(curves[x]) > 0) & (pd.to_numeric(curves[y]) > 0)], x, y)
     cx, cy = _column(front, x), _column(front, y)
-    _need_distinct(cx, 3, "fit_loc", f"{x} on the frontier")
+    inside = (cx >= (-np.inf if x_min is None else x_min)) & (cx <= (np.inf if x_max is None else x_max))
+    cx, cy = cx[inside], cy[inside]
+    _need_distinct(cx, 3, "fit_loc", f"{x} on the frontier" + ("" if x_min is None and x_max is None else " in range"))
     fit = _fit_offset_power(cx, cy, law="loc", var=x, symbol="C", hold_top=max(1, int(round(holdout_frac * len(cx)))),
                             n_boot=n_boot, seed=seed)
     fit.extra["frontier"] = front
@@ -396,8 +401,8 @@ def fit_joint(runs: pd.DataFrame, converged_only: bool = True, n_boot: int = N_B
     cols = ["n_latents", "k", "nmse"]
     d, flagged, excluded = _select(runs, "fit_joint", cols, converged_only)
     n, k, y = _column(d, "n_latents"), _column(d, "k"), _column(d, "nmse")
-    _need_distinct(n, 3, "fit_joint", "n_latents")
-    _need_distinct(k, 2, "fit_joint", "k")
+    _need_distinct(n, 3, "fit_joint", "n_latents", flagged)
+    _need_distinct(k, 2, "fit_joint", "k", flagged)
     if len(set(zip(n, k))) < 7:
         raise DataError(f"fit_joint: needs at least 7 distinct (n_latents, k) points for 6 parameters, "
                         f"got {len(set(zip(n, k)))}")

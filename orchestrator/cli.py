@@ -50,6 +50,24 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit(args: argparse.Namespace) -> int:
+    from analysis.sweep_fits import LAWS, fit_sweep, print_fits, write_fits
+
+    fits, skipped = fit_sweep(args.sweep_dir, (args.law,) if args.law else LAWS)
+    out = write_fits(args.sweep_dir, fits, skipped)
+    print_fits(fits, skipped)
+    print(f"written to {out}")
+    return 0 if fits else 1
+
+
+def _figures(args: argparse.Namespace) -> int:
+    from analysis.report import write_report
+
+    report = write_report(args.sweep_dir, args.out)
+    print(f"report: {report}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from sae_core.export import export
 
@@ -106,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--columns", help="comma-separated columns")
     results.add_argument("--format", choices=["table", "csv", "json"], default="table")
     results.set_defaults(func=_results)
+
+    fit = sub.add_parser("fit", help="fit the scaling laws the sweep supports, with confidence intervals")
+    fit.add_argument("sweep_dir", help="results/<sweep name>")
+    fit.add_argument("--law", choices=["lofn", "loc", "joint", "lr"], help="only this law (default: all supported)")
+    fit.set_defaults(func=_fit)
+
+    figures = sub.add_parser("figures", help="every figure the sweep's data support (PNG, PDF) and an HTML report")
+    figures.add_argument("sweep_dir", help="results/<sweep name>")
+    figures.add_argument("--out", help="folder for the figures (default results/<sweep>/figures)")
+    figures.set_defaults(func=_figures)
 
     export = sub.add_parser("export", help="write an SAE in a peer's on-disk format (SAELens, sparsify)")
     export.add_argument("run_dir", help="results/<sweep>/saes/<run_id> (or any folder SAE.save wrote)")

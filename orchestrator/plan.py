@@ -78,7 +78,8 @@ def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str 
         axes = {k: v for k, v in point.items() if k in SPECIAL_AXES or k in own or k in train_keys()}
         override = spec.overrides.get(arch, {})
         values = {**axes, **override}
-        n = values.get("n_latents") or round(values["expansion_factor"] * d_in)
+        sized = override if {"n_latents", "expansion_factor"} & set(override) else axes  # an override's size wins
+        n = sized.get("n_latents") or round(sized["expansion_factor"] * d_in)
         sae = {"arch": arch, "d_in": d_in, "n_latents": n, **{k: v for k, v in spec.sae.items() if k in own},
                **{k: v for k, v in values.items() if k in own}}
         where = f"grid point {json.dumps(axes, default=str)}" + (

@@ -143,7 +143,7 @@ class SweepSpec(BaseModel):
         for arch, keys in self.overrides.items():
             if arch not in archs:
                 raise ValueError(f"overrides.{arch}: not an architecture of the grid; allowed: {', '.join(archs)}")
-            allowed = sae_keys(arch) | train_keys() | {"lr", "seed"}
+            allowed = sae_keys(arch) | train_keys() | {"lr", "seed", "n_latents", "expansion_factor"}
             for key in keys:
                 if key not in allowed:
                     raise ValueError(f"overrides.{arch}.{key}: does not apply to {arch}"

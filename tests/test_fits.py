@@ -33,7 +33,8 @@ def lofn_runs(c=0.1, a=3.0, b=-0.3, seeds=2, noise=0.01, seed=0, ns=2 ** np.aran
 # ---------------------------------------------------------------- L(n, k)
 
 def test_joint_law_cis_cover_published_coefficients_and_extrapolate():
-    # at the default 200 resamples, seed 0's ζ interval missed the truth narrowly; more resamples, not a looser check
+    # at the default 200 resamples, seed 0's ζ and η intervals missed the truth narrowly: more resamples, not a
+    # looser check (and test_joint_law_interval_coverage_over_many_sweeps measures the rate)
     fit = fit_joint(joint_runs(seed=0), n_boot=1000)
     assert fit.law == "joint" and set(fit.params) == set(PUBLISHED_JOINT) and fit.n_points == 45
     for p, true in PUBLISHED_JOINT.items():
@@ -70,6 +71,8 @@ def test_joint_law_leaves_out_rows_without_k_and_needs_columns():
 # ---------------------------------------------------------------- L(N)
 
 def test_lofn_recovers_exponent_and_floor_and_beats_the_pure_power_law():
+    # over 100 seeds of this sweep: b within -11%..+8%, c within -19%..+13%; the intervals held a, b, c
+    # 93%, 95%, 94% of the time; the pure power law always fitted worse
     fit = fit_lofn(lofn_runs())
     assert fit.law == "lofn" and fit.n_points == 18  # two seeds per n, each a point
     assert fit.params["b"] == pytest.approx(-0.3, rel=0.1)
@@ -115,7 +118,7 @@ def test_lofn_errors_name_what_is_missing():
         fit_lofn(pd.DataFrame({"n_latents": [1, 2, 3]}))
     with pytest.raises(DataError, match="fit_lofn: needs at least 3 distinct n_latents, got 2"):
         fit_lofn(lofn_runs(ns=[2 ** 10, 2 ** 11]))
-    with pytest.raises(DataError, match="fit_lofn: no group of arch"):
+    with pytest.raises(DataError, match="fit_lofn: no group of arch"), pytest.warns(UserWarning, match="skipped"):
         fit_lofn(lofn_runs(ns=[2 ** 10, 2 ** 11]).assign(arch="topk"), by="arch")
 
 
@@ -136,29 +139,48 @@ def test_frontier_is_the_running_minimum():
     assert loc_frontier(curves.iloc[::-1]).equals(front)  # input order does not matter
 
 
+LOC = (0.09, 0.056, -0.084)  # Gao et al. Fig. 1: L = 0.09 + 0.056·C^-0.084, C in units of GPT-4 pretraining
+
+
 def frontier_curves(noise=0.0, seed=0):
-    """Runs that each touch L = 0.09 + 0.056·C^-0.084 at one C and lie above it elsewhere: falling to the
-    frontier before, then a plateau (a converged run) after."""
+    """17 runs that each touch the frontier at one C (4 a decade over 1e-9..1e-5) and lie above it elsewhere:
+    falling onto it (tangent), then improving more slowly than it (a third of its local log slope)."""
     rng = np.random.default_rng(seed)
-    law = lambda C: 0.09 + 0.056 * C ** -0.084
+    c, a, b = LOC
+    law = lambda C: c + a * C ** b
     rows = []
-    for j, touch in enumerate(np.logspace(-9, -5, 13)):
+    for j, touch in enumerate(np.logspace(-9, -5, 17)):
         C = touch * np.logspace(-2, 1, 31)  # 10 points a decade; C = touch is on the grid
-        L = np.where(C <= touch, law(C) * (1 + 0.3 * np.log(touch / C) ** 2), law(touch))
+        slope = b * a * touch ** b / law(touch)
+        L = np.where(C <= touch, law(C) * (1 + 0.3 * np.log(touch / C) ** 2), law(touch) * (C / touch) ** (slope / 3))
         L = L * np.exp(noise * rng.standard_normal(C.size))
         rows.append(pd.DataFrame({"run_id": f"run{j}", "step": np.arange(C.size), "flops": C, "nmse": L}))
     return pd.concat(rows, ignore_index=True)
 
 
-@pytest.mark.parametrize("noise", [0.0, 0.005])
-def test_loc_recovers_the_compute_exponent(noise):
-    fit = fit_loc(frontier_curves(noise))
+def test_loc_recovers_the_compute_exponent():
+    # the range the runs span: below 1e-9 the frontier is the smallest run's warm-up, beyond 1e-5 the
+    # largest run's slow tail
+    fit = fit_loc(frontier_curves(), x_min=1e-9, x_max=1e-5)
     assert fit.law == "loc" and fit.variables == ("flops",)
-    assert fit.params["b"] == pytest.approx(-0.084, rel=0.05), fit.formula
-    assert fit.ci["b"][0] <= fit.params["b"] <= fit.ci["b"][1]
-    assert fit.predict(flops=1e-7) == pytest.approx(0.09 + 0.056 * 1e-7 ** -0.084, rel=0.01)
+    assert fit.x_range["flops"] == pytest.approx((1e-9, 1e-5))
+    # noise-free, the fit is still of an envelope that lies above the law between touches: b is 3.5% shallow
+    assert fit.params["b"] == pytest.approx(LOC[2], rel=0.05), fit.formula
+    assert fit.ci["b"][0] <= LOC[2] <= fit.ci["b"][1]
+    # and its points lie up to ~2% above the law, so the fitted curve does too (1% here)
+    assert fit.predict(flops=1e-7) == pytest.approx(0.09 + 0.056 * 1e-7 ** -0.084, rel=0.02)
     assert fit.holdout["max_rel_error"] < 0.02
-    assert fit.extra["frontier"].run_id.nunique() >= 10  # the frontier is made of many runs
+    assert fit.extra["frontier"].run_id.nunique() == 17
+
+
+def test_loc_with_noisy_curves():
+    """0.5% noise on every curve point: over 4 decades c and b trade off, so b scatters from sweep to sweep
+    (measured over 40 seeds: sd 6.5%, from -15% to +10%; this seed +4%) and the interval is what to trust
+    (it held the truth for 39 of the 40)."""
+    fit = fit_loc(frontier_curves(noise=0.005), x_min=1e-9, x_max=1e-5)
+    assert fit.params["b"] == pytest.approx(LOC[2], rel=0.2), fit.formula
+    assert fit.ci["b"][0] <= LOC[2] <= fit.ci["b"][1]
+    assert fit.holdout["max_rel_error"] < 0.04
 
 
 def test_loc_errors():
@@ -209,7 +231,7 @@ def test_lr_law_recovers_inverse_sqrt_scaling():
 def test_fit_object_interval_holdout_serialisation_and_table():
     lofn, loc = fit_lofn(lofn_runs()), fit_loc(frontier_curves())
     for fit in (lofn, loc):
-        x = 2 ** 20 if fit is lofn else 1e-4  # beyond the data
+        x = 2 ** 20 if fit is lofn else 1e-3  # beyond the data
         low, high = fit.predict_interval(x)
         assert low <= fit.predict(x) <= high
         lows, highs = fit.predict_interval(np.array([x, 2 * x]))

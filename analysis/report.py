@@ -1,0 +1,57 @@
+"""One self-contained HTML page per sweep (figures embedded): the grid, the fitted laws with their intervals,
+every figure the data support (and why the others are missing), and the runs table.
+`sae-scaling figures results/<sweep>` writes it beside the figures as report.html."""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from analysis.figures import render_all
+from analysis.results import load_runs
+from analysis.sweep_fits import fit_sweep, write_fits
+from sae_core.io import write_text_atomic
+
+RUN_COLUMNS = ["run_id", "arch", "layer", "n_latents", "k", "l1_coeff", "lr", "seed", "status", "nmse", "l0",
+               "dead_frac", "downstream_metric", "downstream_loss", "ce_loss_score", "tokens", "flops", "wall_seconds"]
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;font-size:12px}img{max-width:100%}
+figure{margin:1.5em 0}figcaption{font-size:13px;color:#555}"""
+
+
+def write_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
+    sweep_dir = Path(sweep_dir)
+    out = Path(out) if out else sweep_dir / "figures"
+    fits, skipped = fit_sweep(sweep_dir)
+    write_fits(sweep_dir, fits, skipped)
+    figures = render_all(sweep_dir, out)
+    runs = load_runs(sweep_dir)
+    esc = html.escape
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{esc(sweep_dir.name)}</title><style>{_STYLE}</style>",
+             f"<h1>Sweep {esc(sweep_dir.name)}</h1>",
+             f"<p>{len(runs)} runs: " + ", ".join(f"{n} {esc(str(s))}" for s, n in runs.status.value_counts().items())
+             + "</p>", "<h2>Grid</h2>", f"<pre>{esc((sweep_dir / 'sweep.yaml').read_text())}</pre>",
+             "<h2>Fitted laws</h2><table><tr><th>law</th><th>fit</th><th>95% intervals</th><th>R²</th>"
+             "<th>points</th><th>largest held out</th></tr>"]
+    for name, f in fits.items():
+        ci = "<br>".join(f"{esc(k)} [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in f.ci.items())
+        hold = f.holdout.get("max_rel_error") if f.holdout else None
+        parts.append(f"<tr><td>{esc(name)}</td><td>{esc(f.formula)}</td><td>{ci}</td><td>{f.r2:.3f}</td>"
+                     f"<td>{f.n_points}</td><td>{'' if hold is None else f'{hold:.1%}'}</td></tr>")
+    parts.append("</table>")
+    parts += [f"<p>{esc(name)}: skipped ({esc(reason)})</p>" for name, reason in skipped.items()]
+    parts.append("<h2>Figures</h2>")
+    for name, paths, reason in figures:
+        if paths is None:
+            parts.append(f"<p>{esc(name)}: not drawn ({esc(reason)})</p>")
+            continue
+        png = next(p for p in paths if Path(p).suffix == ".png")
+        data = base64.b64encode(Path(png).read_bytes()).decode()
+        parts.append(f"<figure><img src='data:image/png;base64,{data}'><figcaption>{esc(name)}: "
+                     f"{esc(str(png))}</figcaption></figure>")
+    cols = [c for c in RUN_COLUMNS if c in runs]
+    parts += ["<h2>Runs</h2>", runs[cols].to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")]
+    path = out / "report.html"
+    write_text_atomic(path, "\n".join(parts))
+    return path
