@@ -41,6 +41,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from analysis.frontier import lower_envelope  # noqa: E402
 from analysis.fits import convergence, fit_joint, fit_lofn, fit_loc, fit_lr, loc_frontier  # noqa: E402
 from analysis.results import load_curves, load_layers, load_recovery, load_runs  # noqa: E402
+from analysis.sweep_fits import CURVE_START  # noqa: E402
 from sae_core.errors import DataError  # noqa: E402
 from sae_core.io import write_atomic  # noqa: E402
 
@@ -84,7 +85,6 @@ OTHER_COLOR = "#7f7f7f"
 TOPK_FAMILY = ("topk", "batchtopk", "multi_topk")
 SPARSITY_KEYS = ("k", "l1_coeff", "target_l0", "l0_coeff")  # the first one a family sets keys its series
 KEY_SYMBOL = {"k": "k", "l1_coeff": "λ", "target_l0": "target L0", "l0_coeff": "λ₀"}
-CURVE_START = 0.1  # as analysis.sweep_fits: a curve enters the L(C) frontier from 10% of its run's tokens on
 FAMILY_KEYS = ("arch", "k", "l1_coeff", "layer", "seed")  # as analysis.family: SAEs differing only in width
 THRESHOLD = 0.7  # Leask et al.: a latent of the larger SAE with max cosine below it is novel
 MAX_RECOVERY_RUNS = 6
@@ -423,7 +423,7 @@ def _lr_note(dropped: int) -> str:
 @_figure
 def fig_loc(curves: pd.DataFrame, runs: pd.DataFrame) -> Figure:
     """Gao et al. Fig. 1 left: every run's training curve (nmse vs SAE training FLOPs, thin), per series
-    (architecture × k) the compute frontier (lower envelope of the curves, from 10% of each run's tokens on)
+    (architecture × k) with at least 2 widths the compute frontier (lower envelope of the curves, from 10% of each run's tokens on)
     and the fitted L(C) = c + a·C^b, log-log."""
     if curves is None or curves.empty:
         raise SkipFigure("no training curves")
@@ -445,6 +445,8 @@ def fig_loc(curves: pd.DataFrame, runs: pd.DataFrame) -> Figure:
         for _, run in mine.groupby("run_id", sort=True):
             run = run.sort_values("flops")
             ax.plot(run["flops"], run["nmse"], color=g["color"], lw=0.6, alpha=0.35, gid="curve")
+        if g["rows"]["n_latents"].nunique() < 2:  # one width: a single curve, no frontier across sizes
+            continue
         if mine["tokens"].notna().all():
             mine = mine[mine["tokens"] >= CURVE_START * mine.groupby("run_id")["tokens"].transform("max")]
         front = loc_frontier(mine)
@@ -525,7 +527,8 @@ def fig_lofn(runs: pd.DataFrame) -> Figure:
     ax.set_xlabel("n_latents")
     ax.set_ylabel(f"{NMSE} (end of training)")
     if any_unconverged:
-        ax.plot([], [], ls="none", marker="o", mfc="none", color="gray", label="not converged (left out of the fits)")
+        # left out of a fit unless the fit says "at the token budget" (too few converged: all are used)
+        ax.plot([], [], ls="none", marker="o", mfc="none", color="gray", label="not converged")
     _title(ax, "L(n, k)" if joint else "L(N)", note, _lr_note(dropped), "" if n_fits else f"no fit: {why[0]}")
     _legend(ax, outside=True)
     return fig

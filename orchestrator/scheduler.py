@@ -75,6 +75,11 @@ def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:
     packs = pack_runs([r for r in sweep.runs if r.run_id not in done], sweep.spec.pack_size)
     echo(f"{len(sweep.runs)} runs ({len(done)} done), {len(packs)} packs to train; SAE training compute "
          f"{_fmt_flops(total_flops)} FLOPs in all, {_fmt_flops(todo_flops)} to do (formula: README, Compute accounting)")
+    act = sweep.data.activation_flops()
+    if act is not None:
+        where = ("once, into the cache" if sweep.spec.data.cache
+                 else "per pack: activations are computed on the fly by every pack")
+        echo(f"activation generation: {_fmt_flops(act)} FLOPs {where}")
 
 
 # --- Ray -------------------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_lofn_shows_unconverged_runs_hollow_and_fits_without_them(data):
     late = lines(ax, "unconverged")
     assert len(late) == 1 and list(late[0].get_xdata()) == [2048] and late[0].get_markerfacecolor() == "none"
     assert list(lines(ax, "points")[0].get_xdata()) == [256, 512, 1024]
-    assert "not converged (left out of the fits)" in legend_texts(ax)
+    assert "not converged" in legend_texts(ax)
     (fit,) = lines(ax, "fit")  # L(N) through the 3 converged widths
     assert "n^" in fit.get_label()
     fig = F.fig_lofn(runs.assign(converged=False))  # nothing converged: the law at the token budget, said so
