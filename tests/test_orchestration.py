@@ -185,10 +185,14 @@ def test_grid_completes_with_typed_results_and_rerun_is_a_noop(ray_local, tmp_pa
 
 
 # --- 2. a worker killed mid-run is retried from its checkpoint ------------------------------------------------
-def test_killed_worker_is_retried_from_its_checkpoint(ray_local, tmp_path):
-    tokens = 400 * BATCH  # a few seconds per run: time to kill one
-    path = write_sweep(tmp_path, train_tokens=tokens, grid={"arch": ["topk"], "n_latents": [64], "k": [4, 8]},
-                       retries=1)
+KILL_TOKENS = 400 * BATCH  # a few seconds per run: time to kill one
+
+
+def start_and_kill_one(tmp_path: Path, retries: int):
+    """Start a 2-run sweep, SIGKILL the worker of a run mid-way; the sweep thread, its paths, the killed run,
+    its last progress record and the tokens of its last checkpoint."""
+    path = write_sweep(tmp_path, train_tokens=KILL_TOKENS,
+                       grid={"arch": ["topk"], "n_latents": [64], "k": [4, 8]}, retries=retries)
     results = tmp_path / "results"
     sweep_dir, ids = results / "t", planned_ids(path, results)
     thread = SweepThread(path, results)
@@ -196,6 +200,12 @@ def test_killed_worker_is_retried_from_its_checkpoint(ray_local, tmp_path):
     rid, prog = wait_mid_run(sweep_dir, thread)
     kill_worker(prog["pid"])
     at_kill = checkpoint_tokens(sweep_dir, rid)  # the dead process can no longer move it
+    return thread, path, results, sweep_dir, ids, rid, prog, at_kill
+
+
+def test_killed_worker_is_retried_from_its_checkpoint(ray_local, tmp_path):
+    tokens = KILL_TOKENS
+    thread, _, _, sweep_dir, ids, rid, prog, at_kill = start_and_kill_one(tmp_path, retries=1)
     retry = first_progress_from_another_process(sweep_dir, rid, prog["pid"], thread)
     assert thread.result() == 0
     # the retry went on from the checkpoint (its first step is the one after it), not from step 0
@@ -205,16 +215,8 @@ def test_killed_worker_is_retried_from_its_checkpoint(ray_local, tmp_path):
 
 # --- 3. a failed run is resumed by the next `run`; finished runs are left alone -------------------------------
 def test_interrupted_sweep_resumes_and_skips_finished_runs(ray_local, tmp_path):
-    tokens = 400 * BATCH
-    path = write_sweep(tmp_path, train_tokens=tokens, grid={"arch": ["topk"], "n_latents": [64], "k": [4, 8]},
-                       retries=0)
-    results = tmp_path / "results"
-    sweep_dir, ids = results / "t", planned_ids(path, results)
-    thread = SweepThread(path, results)
-    thread.start()
-    rid, prog = wait_mid_run(sweep_dir, thread)
-    kill_worker(prog["pid"])
-    at_kill = checkpoint_tokens(sweep_dir, rid)
+    tokens = KILL_TOKENS
+    thread, path, results, sweep_dir, ids, rid, prog, at_kill = start_and_kill_one(tmp_path, retries=0)
     assert thread.result() == 1  # retries: 0, so the pack failed for good
     first = load_runs(sweep_dir).set_index("run_id")
     assert first.loc[rid, "status"] == "failed" and "WorkerCrashedError" in first.loc[rid, "error"]
