@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 from orchestrator.plan import RunPlan, pack_runs, plan_runs
 from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.store import DONE, ResultsStore
-from orchestrator.worker import run_row, train_pack
+from orchestrator.worker import now_utc, run_row, train_pack
 from sae_core.data import ActivationData
 from sae_core.errors import ConfigError, SAEScalingError
 from sae_core.evaluation.downstream import null_downstream
@@ -56,8 +56,8 @@ def _fmt_flops(x: float) -> str:
 
 
 def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:
-    done = sweep.store.done() if sweep.store.dir.exists() else set()
-    rows = sweep.store.rows() if sweep.store.dir.exists() else {}
+    rows = sweep.store.rows()  # none yet for a new sweep: globbing a missing folder finds nothing
+    done = {rid for rid, row in rows.items() if row["status"] in DONE}
     header = f"{'run_id':16}  {'arch':10} {'layer':>5} {'n_latents':>9} {'k':>5} {'l1_coeff':>9} {'lr':>8} " \
              f"{'seed':>4} {'tokens':>12} {'est. FLOPs':>10}  state"
     echo(header)
@@ -172,7 +172,7 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
     """Train every run of the sweep not yet done; returns the exit code (0: all ok, 1: some failed)."""
     sweep = plan_sweep(path, results)
     store = sweep.store
-    done = store.done() if store.dir.exists() else set()
+    done = store.done()
     todo = [r for r in sweep.runs if r.run_id not in done]
     ray = connect(address)
     options = task_resources(ray, sweep.spec)
@@ -225,15 +225,13 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
 
 
 def _record_failure(sweep: Sweep, pack: list[RunPlan], err: Exception, statuses: dict[str, str]) -> None:
-    from datetime import datetime, timezone
-
     message = str(getattr(err, "cause", None) or err).strip().splitlines()
     reason = f"{type(err).__name__}: {message[-1] if message else ''}"
     finished = sweep.store.rows()
     for run in pack:
         if run.run_id in finished and finished[run.run_id]["status"] in DONE:
             continue
-        row = run_row(sweep.spec, run, None, null_downstream("run failed"), datetime.now(timezone.utc), reason)
+        row = run_row(sweep.spec, run, None, null_downstream("run failed"), now_utc(), reason)
         sweep.store.write_run(row)
         statuses[run.run_id] = "failed"
 

@@ -58,6 +58,15 @@ def write_parquet_atomic(path: Path, rows: list[dict], schema: dict | None = Non
     write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive lock on fd if no other process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
 def _ray_node_id() -> str | None:
     """The Ray node this process runs on (several nodes can share a host), or None outside Ray."""
     ray = sys.modules.get("ray")  # never import Ray just for this
@@ -95,9 +104,8 @@ class ResultsStore:
         for path in (self.dir / "locks").glob("*.lock"):
             fd = os.open(path, os.O_RDWR)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                held.add(path.stem)
+                if not _try_lock(fd):
+                    held.add(path.stem)
             finally:
                 os.close(fd)
         return held
@@ -136,15 +144,11 @@ class ResultsStore:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.time() + wait_s
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.time() >= deadline:
-                        yield False
-                        return
-                    time.sleep(0.2)
+            while not _try_lock(fd):
+                if time.time() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.2)
             yield True
         finally:
             os.close(fd)

@@ -69,7 +69,7 @@ class _Active:
     tokens: int = 0
 
 
-def _now() -> datetime:
+def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
 
@@ -92,7 +92,7 @@ def run_row(spec: SweepSpec, plan: RunPlan, result: RunResult | None, evaluation
         "config_json": json.dumps({"sae": plan.sae, "train": plan.train, "axes": plan.axes,
                                    "data": data_identity(spec), "eval": spec.eval.model_dump(mode="json")},
                                   sort_keys=True, default=str),
-        "started_at": started, "finished_at": _now(),
+        "started_at": started, "finished_at": now_utc(),
     }
     return {**row, **{k: v for k, v in plan.axes.items() if k not in row}}  # every swept key is a column
 
@@ -125,7 +125,7 @@ def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root:
         for plan in owned:
             trainer = Trainer(plan.sae, plan.train, stream, store.sae_dir(plan.run_id),
                               meta={"hook": hook, "run_id": plan.run_id, "sweep": spec.name, "axes": plan.axes})
-            active.append(_Active(plan, trainer, trainer.run_steps(), _now()))
+            active.append(_Active(plan, trainer, trainer.run_steps(), now_utc()))
         results: list[tuple[_Active, RunResult | None, str | None]] = []
         # the model and held-out rows for splicing, loaded once per pack when the first run needs them
         splicer = functools.cache(lambda: data.downstream(spec.eval.batch_tokens, spec.eval.downstream_tokens)

@@ -56,12 +56,11 @@ def evaluate_run(sae: SAE, eval_x: torch.Tensor, cfg: EvalConfig, layers: list[i
     """layers: the hooked layers the SAE reads (several for a multi-layer SAE, whose eval vectors' layers are
     `layer_ids`); downstream: None when there is no model to splice into, `null_reason` saying why.
     l0: the trained L0 (sets the default recovery grid for families without k)."""
-    if cfg.downstream and downstream is not None:
-        for layer in layers:
-            downstream.check(sae, layer)
     splice = cfg.downstream and downstream is not None and bool(layers)
     splices: dict = {}
     if splice:
+        for layer in layers:
+            downstream.check(sae, layer)
         for layer in layers:
             splices["sae", layer] = (layer, reconstruction(sae))
             splices["zero", layer] = (layer, zeros)
