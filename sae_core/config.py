@@ -30,6 +30,10 @@ class TrainConfig(BaseModel):
     ema_decay: float | None = Field(None, gt=0, lt=1)
     grad_clip: float | None = Field(None, gt=0, **Finite)
     autocast: Literal["none", "bf16", "fp16"] = "none"
+    # TopK family: rank the encoder's pre-activations in bf16 and recompute the winners' values exactly
+    # (sae_core/kernels/topk_select.py); auto = bf16 where the hardware has native bf16 matmul
+    topk_select: Literal["auto", "exact", "bf16"] = "auto"
+    topk_select_capacity: float = Field(2.0, ge=1, le=64, **Finite)  # bf16 candidates kept per winner
     device: str = "auto"  # auto: cuda if available, else cpu
     seed: int = 0
     curve_points_per_decade: int = Field(5, ge=1)

@@ -22,8 +22,10 @@ from sae_core.checkpoint import STATE_FILE, TrainerState, load_checkpoint, save_
 from sae_core.config import TrainConfig, parse_train_config, with_family_defaults
 from sae_core.errors import ConfigError
 from sae_core.geometric_median import geometric_median
+from sae_core.kernels import resolve_selection
 from sae_core.evaluation.reconstruction import Evaluation, evaluate, save_latent_stats
 from sae_core.normalization import normalize
+from sae_core.optim import Adam, clip_grad_norm, row_sparse_parts
 from sae_core.sae import LATENT_STATS_FILE, SAE
 from sae_core.sources.base import ActivationSource
 
@@ -91,6 +93,7 @@ class Trainer:
         self.source = source
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = resolve_device(self.cfg.device)
+        self.selection = resolve_selection(self.cfg.topk_select, self.cfg.topk_select_capacity, self.device)
         ident = {"sae": self.sae_cfg.model_dump(), "train": self.cfg.model_dump(exclude={"device"})}
         self.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -109,8 +112,7 @@ class Trainer:
 
     def _optimizer(self, sae: SAE, lr: float) -> torch.optim.Optimizer:
         cfg = self.cfg
-        return torch.optim.Adam(sae.arch.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                eps=cfg.adam_eps, fused=True)
+        return Adam(sae.arch.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
 
     def _autocast(self):
         if self.cfg.autocast == "none":
@@ -298,7 +300,7 @@ class TrainingSession:
         x, _ = normalize(x.to(tr.device, non_blocking=True), tr.sae_cfg.normalization)
         dead = self.dead_mask().nonzero().squeeze(1)
         ctx = StepContext(mse_scale=st.mse_scale, dead_latents=dead if dead.numel() else None,
-                          progress=st.step / cfg.steps())
+                          progress=st.step / cfg.steps(), selection=tr.selection)
         with tr._autocast():
             out = arch.loss(x, ctx)
         if not math.isfinite(float(out.loss.detach())):
@@ -312,7 +314,7 @@ class TrainingSession:
         if self.constrain:
             _remove_parallel_grad(arch.W_dec)
         if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(arch.parameters(), cfg.grad_clip)
+            clip_grad_norm(arch.parameters(), cfg.grad_clip)
         self.lr = lr_at(st.step, cfg.steps(), self.base_lr, cfg)
         for group in self.opt.param_groups:
             group["lr"] = self.lr
@@ -340,9 +342,14 @@ class TrainingSession:
 @torch.no_grad()
 def _remove_parallel_grad(W: torch.nn.Parameter) -> None:
     """g_i <- g_i - (g_i . w_i) w_i for each unit-norm decoder row w_i: the step cannot change its norm
-    to first order, so the renormalisation after it loses no progress."""
-    if W.grad is not None:
-        W.grad.sub_((W.grad * W).sum(dim=1, keepdim=True) * W)
+    to first order, so the renormalisation after it loses no progress. Row-sparse gradients keep their rows."""
+    if W.grad is None:
+        return
+    rows, g = row_sparse_parts(W.grad)
+    w = W if rows is None or rows.numel() == W.shape[0] else W[rows]
+    g.addcmul_(w, torch.linalg.vecdot(g, w)[:, None], value=-1)  # in place: the gradient is ours to change
+    if rows is not None:
+        W.grad = torch.sparse_coo_tensor(rows[None], g, W.shape, is_coalesced=True, check_invariants=False)
 
 
 @torch.no_grad()

@@ -7,6 +7,10 @@ from sae_core.kernels import rows_combine, rows_dot, rows_scatter, sparse_decode
 B, D, N, K = 37, 24, 300, 7
 
 
+def _dense(g):
+    return g.to_dense() if g.is_sparse else g
+
+
 def _rand(*shape, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -18,7 +22,11 @@ def test_primitives_match_dense():
     Z = torch.zeros(B, N, dtype=torch.float64).index_put_((torch.arange(B)[:, None].expand(B, K), idx), w, accumulate=True)
     torch.testing.assert_close(rows_combine(idx, w, W), Z @ W, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(rows_dot(idx, G, W), (G @ W.T).gather(1, idx), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(rows_scatter(idx, w, G, N), Z.T @ G, rtol=1e-12, atol=1e-12)
+    scattered = rows_scatter(idx, w, G, N)
+    # row-sparse: exactly the rows that occur, coalesced
+    assert scattered.is_sparse and scattered.is_coalesced()
+    assert torch.equal(scattered.indices()[0], idx.unique())
+    torch.testing.assert_close(scattered.to_dense(), Z.T @ G, rtol=1e-12, atol=1e-12)
 
 
 def _dense_reference(x, W_enc, b_enc, W_dec, b_pre, k, dead, k_aux, multi):
@@ -75,7 +83,7 @@ def test_sparse_path_values_and_grads_match_dense_float64(bias, aux, multi):
         leaves = {name: p.clone().requires_grad_() if p is not None else None for name, p in params.items()}
         loss = fn(**leaves, k=K, dead=dead, k_aux=16, multi=multi)
         loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in leaves.items() if p is not None}))
+        results.append((loss.detach(), {n: _dense(p.grad) for n, p in leaves.items() if p is not None}))
     (ref_loss, ref_grads), (loss, grads) = results
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     for name in ref_grads:
@@ -107,7 +115,7 @@ def test_batch_topk_keeps_exactly_k_times_b_and_matches_dense_grads():
             mask[keep] = True
             out = (pre * mask.view(B, N)) @ Dl
         (out ** 2).sum().backward()
-        results.append((out.detach(), [t.grad for t in leaves]))
+        results.append((out.detach(), [_dense(t.grad) for t in leaves]))
     (ref, ref_grads), (got, grads) = results
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
     for g, r in zip(grads, ref_grads):

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from sae_core.kernels import sparse_decode
+from sae_core.kernels import EXACT, Selection, sparse_decode
 
 Normalization = Literal["none", "unit_norm", "standardize"]
 
@@ -58,6 +58,7 @@ class StepContext:
     mse_scale: float  # 1 / E||x - mean(x)||^2 on the init sample: makes the main loss an FVU
     dead_latents: torch.Tensor | None = None  # indices of latents dead by the trainer's window
     progress: float = 0.0  # fraction of training done, for coefficient warm-ups
+    selection: Selection = EXACT  # how the TopK family ranks its pre-activations (train.topk_select)
 
 
 @dataclass

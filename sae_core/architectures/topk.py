@@ -93,7 +93,8 @@ class TopK(Architecture):
         dead = ctx.dead_latents if cfg.aux_coeff > 0 and ctx.dead_latents is not None else None
         k_aux = min(cfg.resolved_k_aux, len(dead)) if dead is not None else 0
         vals, idx, aux_vals, aux_idx = topk_encode(
-            x - self.b_pre, self.W_enc, self.b_enc, cfg.encode_k, dead if k_aux else None, k_aux, self.batch_select)
+            x - self.b_pre, self.W_enc, self.b_enc, cfg.encode_k, dead if k_aux else None, k_aux, self.batch_select,
+            ctx.selection)
         terms: dict[str, torch.Tensor] = {}
         loss, code, x_hat, decoded = self.reconstruction_loss(x, SparseCode(idx, vals), ctx, terms)
         if k_aux:

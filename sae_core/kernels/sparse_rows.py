@@ -2,11 +2,13 @@
 
     rows_combine(idx, w, W)[b]      = sum_j w[b, j] * W[idx[b, j]]            -> [B, d]
     rows_dot(idx, G, W)[b, j]       = <G[b], W[idx[b, j]]>                    -> [B, k]
-    rows_scatter(idx, w, X, n)[i]   = sum_{(b, j): idx[b, j] = i} w[b, j] X[b] -> [n, d]
+    rows_scatter(idx, w, X, n)[i]   = sum_{(b, j): idx[b, j] = i} w[b, j] X[b] -> [n, d], row-sparse
 
 combine is the decoder forward and the encoder's input gradient; dot is the gradient of the code
 values through the decoder; scatter is both weight gradients (Z^T X). Each costs O(B k d), against
-O(B n d) for the dense equivalents. They are built from torch ops that have CPU and CUDA kernels
+O(B n d) for the dense equivalents. scatter returns a coalesced sparse COO tensor holding only the rows
+that occur: at n = 2^20 a dense [n, d] gradient would be 3 GiB per weight, mostly zeros (optim.py
+applies Adam to it as to its dense equivalent). They are built from torch ops that have CPU and CUDA kernels
 (embedding_bag, CSR sampled matmul, CSR x dense), measured fastest on CPU among the alternatives
 (bench/train_step.py); index_add_ and gather+bmm were 3-10x slower here.
 """
@@ -48,9 +50,9 @@ def rows_scatter(idx: torch.Tensor, w: torch.Tensor, X: torch.Tensor, n: int) ->
     B, k = idx.shape
     flat = idx.reshape(-1)
     order = torch.argsort(flat)
-    counts = torch.bincount(flat, minlength=n)
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=idx.device)
+    rows, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    crow = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=idx.device)
     crow[1:] = counts.cumsum(0)
     batch_of = torch.arange(B, device=idx.device).repeat_interleave(k)
-    zt = _csr(crow, batch_of[order], w.reshape(-1).to(X.dtype)[order], (n, B))
-    return zt @ X
+    zt = _csr(crow, batch_of[order], w.reshape(-1).to(X.dtype)[order], (rows.numel(), B))
+    return torch.sparse_coo_tensor(rows[None], zt @ X, (n, X.shape[1]), is_coalesced=True, check_invariants=False)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_core.kernels.sparse_rows import rows_combine, rows_dot, rows_scatter
+from sae_core.kernels.topk_select import EXACT, Selection, aux_candidates, select_topk
 
 
 def _batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,18 +42,18 @@ def _batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k, aux_latents, k_aux, batch):
-        pre = F.linear(x, W_enc, b_enc)
-        if batch:
-            vals, idx = _batch_topk(pre.relu_(), k)
+    def forward(ctx, x, W_enc, b_enc, k, aux_latents, k_aux, batch, selection):
+        aux_k = k_aux if aux_latents is not None else 0
+        if batch:  # the batch's cut needs every row at once: the full matrix, exact
+            pre = F.linear(x, W_enc, b_enc)
+            vals, idx = _batch_topk(pre.relu_(), k)  # AuxK reads the same rectified values, as ReLU follows
+            aux = aux_candidates(pre, 0, aux_latents, aux_k) if aux_k else None
         else:
-            vals, idx = pre.topk(k, dim=-1, sorted=True)  # sorted: Multi-TopK reads the top-k as a prefix of the top-4k
+            # sorted: Multi-TopK reads the top-k as a prefix of the top-4k
+            (vals, idx), aux = select_topk(x, W_enc, b_enc, k, aux_latents, aux_k, selection, sorted=True)
         vals = vals.to(W_enc.dtype).relu_()
-        if aux_latents is not None and k_aux > 0:
-            # AuxK looks only at dead latents: select their columns rather than masking all n.
-            aux_vals, pos = pre.index_select(1, aux_latents).topk(k_aux, dim=-1, sorted=False)
-            aux_idx = aux_latents[pos]
-            aux_vals = aux_vals.to(W_enc.dtype).relu_()
+        if aux is not None:
+            aux_vals, aux_idx = aux[0].to(W_enc.dtype).relu_(), aux[1]
         else:
             aux_idx = idx.new_empty((x.shape[0], 0))
             aux_vals = vals.new_empty((x.shape[0], 0))
@@ -76,7 +77,7 @@ class _TopKEncode(torch.autograd.Function):
         grad_b = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = torch.zeros(n, dtype=W.dtype, device=W.device).index_add_(0, I.reshape(-1), G.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None, None, None
+        return grad_x, grad_W, grad_b, None, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -95,14 +96,15 @@ class _SparseDecode(torch.autograd.Function):
 
 
 def topk_encode(x, W_enc, b_enc, k: int, aux_latents: torch.Tensor | None = None, k_aux: int = 0,
-                batch: bool = False):
+                batch: bool = False, selection: Selection = EXACT):
     """ReLU(TopK(x W_enc^T + b_enc)) as (vals, idx) [B, k], plus the AuxK code over `aux_latents`.
 
     `aux_latents` holds the indices of dead latents; the aux code is the top-`k_aux` of their
     pre-activations (k_aux <= len(aux_latents)). Without it the aux outputs have k = 0 columns.
     batch=True selects the top k*B of the whole batch instead (BatchTopK); rows are then padded.
+    selection: how per-row winners are chosen (kernels/topk_select.py); their values are always exact.
     """
-    return _TopKEncode.apply(x, W_enc, b_enc, k, aux_latents, k_aux, batch)
+    return _TopKEncode.apply(x, W_enc, b_enc, k, aux_latents, k_aux, batch, selection)
 
 
 def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
