@@ -2,21 +2,35 @@
 """Our TopK / ReLU training step against the peers' trainers (EleutherAI sparsify, SAELens), side by side.
 
 The peers live in their own venv (bench/.venv, built on first use: torch pinned as in the Makefile, then
-sae-lens and eai-sparsify under that constraint; never a project dependency). Each (config, trainer) is
-timed in a fresh subprocess on the same synthetic activations (a random dictionary, generated from the
-same seeds in every process), same thread count, Adam; trainers are interleaved and their order rotated
-per repeat. Reported: best seconds per step, vectors/s, ratio to ours, the dense encoder matmul alone (the
-floor a sparse step can approach, timed in our process), and each trainer's held-out nmse after the same
-number of vectors, so speed is not bought with quality.
+sae-lens and eai-sparsify under that constraint; never a project dependency). Each (config, trainer) runs
+in a fresh subprocess on the same synthetic activations (a random dictionary, generated from the same seeds
+in every process), same thread count, Adam at the same learning rate (ours' default, 2e-4 / sqrt(n / 2^14)).
+Ours runs twice for TopK: "ours" with the default train.topk_select (auto: bf16 ranking with the winners
+recomputed exactly, where the hardware has native bf16) and "ours-exact" (exact ranking).
 
-Usage: .venv/bin/python bench/peers.py [--configs topk-24k,topk-98k,relu-24k,topk-1m] [--reps 2]
-       [--steps 4] [--warmup 2] [--threads 2]
+Timing pass: trainers interleaved, their order rotated per repeat; best seconds per step, vectors/s, ratio
+to ours, ratio to the dense encoder matmul (fp32 and bf16, timed in our process: the floor a sparse step
+can approach) and each worker's peak resident memory.
+Quality pass, after a config's timing: one more subprocess per trainer trains --quality-steps steps on the
+same batches and reports held-out nmse, so speed is not bought with quality; a trainer whose timed steps put
+that over --quality-budget-s is skipped. For ours it also reports the share of the exact top-k winners that
+the bf16 ranking picks on the held-out vectors, and both encoder forwards' times.
+A trainer whose estimated memory exceeds 90% of MemAvailable is skipped before it starts (n = 2^20).
+Last, how s/step grows with n over the TopK configs measured.
+
+Usage: .venv/bin/python bench/peers.py [--configs topk-24k,topk-98k,relu-24k] [--reps 2] [--steps 4]
+       [--warmup 2] [--threads 2] [--quality-steps 32] [--quality-budget-s 900]
+       n = 2^20 is opt-in: --configs topk-1m --reps 1 --steps 1 --warmup 1 (ours: 1-2 min per step)
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import os
+import re
+import resource
 import subprocess
 import sys
 import time
@@ -33,9 +47,15 @@ CONFIGS = {
     "topk-98k": dict(arch="topk", d=768, n=98304, k=32, batch=4096),
     "relu-24k": dict(arch="relu", d=768, n=24576, k=None, batch=4096),
     "topk-1m": dict(arch="topk", d=768, n=2**20, k=32, batch=4096),
+    # smoke checks of this script, not benchmarks
+    "topk-tiny": dict(arch="topk", d=64, n=1024, k=8, batch=512),
+    "relu-tiny": dict(arch="relu", d=64, n=1024, k=None, batch=512),
 }
-TRAINERS = {"topk": ["ours", "sparsify", "saelens"], "relu": ["ours", "saelens"]}
+TRAINERS = {"topk": ["ours", "ours-exact", "sparsify", "saelens"], "relu": ["ours", "saelens"]}
+GROWTH = ("topk-24k", "topk-98k", "topk-1m")  # same d, k and batch: s/step against n alone
 N_FEATURES, ACTIVE, N_EVAL = 16384, 32, 4096
+COLUMNS = 9
+GiB = 2**30
 
 
 # --- the data every process generates identically -----------------------------------------------------
@@ -52,8 +72,13 @@ def batch(d: int, n: int, seed: int):
     return x + 0.01 * torch.randn(x.shape, generator=g)
 
 
-# --- trainers (each returns step(x) and reconstruct(x)) ------------------------------------------------------
-def build_ours(cfg: dict, total: int):
+def adam_lr(n: int) -> float:
+    """Ours' default; given to every peer so that quality differences are not learning-rate differences."""
+    return 2e-4 / (n / 2**14) ** 0.5
+
+
+# --- trainers (each returns step(x), reconstruct(x) and the model) -----------------------------------------
+def build_ours(cfg: dict, total: int, variant: str):
     sys.path.insert(0, str(ROOT))
     from sae_core import Trainer
     from sae_core.sources.base import ActivationSource
@@ -70,9 +95,12 @@ def build_ours(cfg: dict, total: int):
     sae = {"arch": cfg["arch"], "d_in": cfg["d"], "n_latents": cfg["n"]}
     if cfg["k"]:
         sae["k"] = cfg["k"]
-    session = Trainer(sae, {"train_tokens": total, "batch_size": cfg["batch"], "init_samples": cfg["batch"],
-                            "curve_points_per_decade": 1}, Stream()).start()
-    return session.step, lambda x: session.sae.reconstruct(x)
+    train = {"train_tokens": total, "batch_size": cfg["batch"], "init_samples": cfg["batch"],
+             "curve_points_per_decade": 1}
+    if variant == "ours-exact":
+        train["topk_select"] = "exact"
+    session = Trainer(sae, train, Stream()).start()
+    return session.step, lambda x: session.sae.reconstruct(x), session.sae
 
 
 def build_sparsify(cfg: dict, total: int):
@@ -80,7 +108,7 @@ def build_sparsify(cfg: dict, total: int):
     from sparsify import SparseCoder, SparseCoderConfig
 
     sae = SparseCoder(cfg["d"], SparseCoderConfig(num_latents=cfg["n"], k=cfg["k"]), device="cpu")
-    opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (cfg["n"] / 2**14) ** 0.5)
+    opt = torch.optim.Adam(sae.parameters(), lr=adam_lr(cfg["n"]))
     first = [True]
 
     def step(x):
@@ -94,7 +122,7 @@ def build_sparsify(cfg: dict, total: int):
         opt.step()
         opt.zero_grad()
 
-    return step, lambda x: sae(x).sae_out
+    return step, lambda x: sae(x).sae_out, sae
 
 
 def build_saelens(cfg: dict, total: int):
@@ -107,8 +135,11 @@ def build_saelens(cfg: dict, total: int):
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=cfg["d"], d_sae=cfg["n"], k=cfg["k"]))
     else:
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=cfg["d"], d_sae=cfg["n"]))
+    lr = adam_lr(cfg["n"])
+    # lr_end only matters to decaying schedules (this one is constant), but the trainer asserts it is set
     trainer = SAETrainer(cfg=SAETrainerConfig(total_training_samples=total, train_batch_size_samples=cfg["batch"],
-                                              lr_end=3e-4, device="cpu", logger=LoggingConfig(log_to_wandb=False)),
+                                              lr=lr, lr_end=lr, device="cpu",
+                                              logger=LoggingConfig(log_to_wandb=False)),
                          sae=sae, data_provider=iter(()))
 
     def step(x):
@@ -116,7 +147,28 @@ def build_saelens(cfg: dict, total: int):
         trainer.step(x)
         trainer.n_training_steps += 1
 
-    return step, lambda x: sae.decode(sae.encode(x))
+    return step, lambda x: sae.decode(sae.encode(x)), sae
+
+
+def build(trainer: str, cfg: dict, total: int):
+    if trainer.startswith("ours"):
+        return build_ours(cfg, total, trainer)
+    return {"sparsify": build_sparsify, "saelens": build_saelens}[trainer](cfg, total)
+
+
+# --- workers (one per subprocess) ---------------------------------------------------------------------------
+def matmul_time(x, W) -> float:
+    """Best of 3 of the dense encoder matmul x @ W.T in W's dtype. Over latent chunks of at most 2^30
+    outputs: at n = 2^20 the whole B x n output (16 GiB in fp32) would not fit; one GEMM below that."""
+    chunk = max(1, GiB // x.shape[0])
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        xc = x.to(W.dtype)
+        for start in range(0, W.shape[0], chunk):
+            xc @ W[start:start + chunk].T
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def worker(trainer: str, cfg: dict, steps: int, warmup: int, threads: int) -> dict:
@@ -124,28 +176,56 @@ def worker(trainer: str, cfg: dict, steps: int, warmup: int, threads: int) -> di
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    total = (steps + warmup) * cfg["batch"]
-    step, reconstruct = {"ours": build_ours, "sparsify": build_sparsify, "saelens": build_saelens}[trainer](cfg, total)
+    step = build(trainer, cfg, (steps + warmup) * cfg["batch"])[0]
     times = []
     for i in range(warmup + steps):
         x = batch(cfg["d"], cfg["batch"], 10_000 + i)
         t0 = time.perf_counter()
         step(x)
         times.append(time.perf_counter() - t0)
-    with torch.no_grad():
-        x = batch(cfg["d"], N_EVAL, 1)
-        x_hat = reconstruct(x).float()
-        nmse = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-    out = {"s_per_step": min(times[warmup:]), "nmse": nmse}
-    if trainer == "ours":  # the floor: the dense encoder matmul alone, same shapes, same process
+    out = {"s_per_step": min(times[warmup:]), "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if trainer == "ours":  # the floor, same shapes, same process
+        del step  # at n = 2^20 the trainer's 18 GiB and the floor's operands do not fit together
+        gc.collect()
         W = torch.randn(cfg["n"], cfg["d"])
+        Wb = W.bfloat16()
         x = batch(cfg["d"], cfg["batch"], 5)
-        floor = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            x @ W.T
-            floor.append(time.perf_counter() - t0)
-        out["floor"] = min(floor)
+        out["floor"] = matmul_time(x, W)
+        out["floor_bf16"] = matmul_time(x, Wb)
+    return out
+
+
+def selection_overlap(sae, x, k: int) -> dict:
+    """Share of the exact top-k (row, latent) pairs that the bf16 ranking (capacity 2) also picks, and the
+    time of each encoder forward."""
+    import torch
+    from sae_core.kernels import EXACT, Selection, topk_encode
+
+    arch = sae.arch
+    xc = sae.normalize(x)[0] - arch.b_pre
+    chosen, seconds = {}, {}
+    for name, selection in (("exact", EXACT), ("bf16", Selection(torch.bfloat16, 2.0))):
+        t0 = time.perf_counter()
+        chosen[name] = topk_encode(xc, arch.W_enc, arch.b_enc, k, selection=selection)[1]
+        seconds[name] = time.perf_counter() - t0
+    hits = (chosen["exact"].unsqueeze(2) == chosen["bf16"].unsqueeze(1)).any(2)
+    return {"overlap": float(hits.float().mean()), "encode_exact": seconds["exact"], "encode_bf16": seconds["bf16"]}
+
+
+def quality_worker(trainer: str, cfg: dict, steps: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    step, reconstruct, sae = build(trainer, cfg, steps * cfg["batch"])
+    for i in range(steps):
+        step(batch(cfg["d"], cfg["batch"], 10_000 + i))
+    x = batch(cfg["d"], N_EVAL, 1)
+    with torch.no_grad():
+        x_hat = reconstruct(x).float()
+        out = {"nmse": float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())}
+        if trainer == "ours" and cfg["arch"] == "topk":
+            out.update(selection_overlap(sae, x, cfg["k"]))
     return out
 
 
@@ -162,14 +242,42 @@ def ensure_peer_venv() -> Path:
     return python
 
 
-def run_one(python: Path, trainer: str, name: str, args) -> dict:
-    cmd = [str(python), __file__, "--worker", trainer, "--configs", name, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+def needs_gib(trainer: str, cfg: dict) -> float:
+    """Estimated peak memory in fp32: parameters, Adam's two moments, dense gradients and the B x n
+    pre-activations (SAELens keeps a second B x n). Our TopK path streams the pre-activations in chunks and
+    keeps row-sparse gradients: parameters and Adam plus 2 GiB of working set."""
+    params = 2 * cfg["n"] * cfg["d"] * 4
+    if trainer.startswith("ours") and cfg["arch"] == "topk":
+        return (3 * params + 2 * GiB) / GiB
+    acts = cfg["batch"] * cfg["n"] * 4 * (2 if trainer == "saelens" else 1)
+    return (4 * params + acts) / GiB
+
+
+def available_gib() -> float:
+    return int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 2**20
+
+
+def run_one(python: Path, trainer: str, name: str, args, quality: bool = False) -> dict:
+    cmd = [str(python), __file__, "--worker", trainer, "--configs", name, "--threads", str(args.threads)]
+    cmd += (["--quality", "--quality-steps", str(args.quality_steps)] if quality
+            else ["--steps", str(args.steps), "--warmup", str(args.warmup)])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    if proc.returncode != 0:  # killed for memory: no traceback, only the status
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def row(*cells: str) -> None:
+    cells += ("",) * (COLUMNS - len(cells))
+    print("|" + "|".join(f" {c} " if c else " " for c in cells) + "|")
+
+
+def quality_cells(q: dict) -> tuple[str, str]:
+    """(nmse, bf16 overlap) of a quality-pass result."""
+    if "nmse" in q:
+        return f"{q['nmse']:.4f}", f"{q['overlap']:.2%}" if "overlap" in q else ""
+    return q.get("skipped") or f"failed: {q['error']}", ""
 
 
 def main() -> None:
@@ -179,37 +287,76 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quality-steps", type=int, default=32)
+    ap.add_argument("--quality-budget-s", type=float, default=900)
     ap.add_argument("--worker")
+    ap.add_argument("--quality", action="store_true")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, CONFIGS[args.configs], args.steps, args.warmup, args.threads)))
+        cfg = CONFIGS[args.configs]
+        print(json.dumps(quality_worker(args.worker, cfg, args.quality_steps, args.threads) if args.quality
+                         else worker(args.worker, cfg, args.steps, args.warmup, args.threads)))
         return
     peers = ensure_peer_venv()
-    print("| config | trainer | s/step | vectors/s | ours faster by | x floor | nmse |\n|---|---|---|---|---|---|---|")
-    for name in args.configs.split(","):
+    names = args.configs.split(",")
+    vectors = " / ".join(dict.fromkeys(f"{args.quality_steps * CONFIGS[n]['batch']:,}" for n in names))
+    row("config", "trainer", "s/step", "vectors/s", "ours faster by", "x floor", "peak GiB",
+        f"nmse after {vectors} vectors", "bf16 overlap")
+    row(*["---"] * COLUMNS)
+    notes, growth = [], {}
+    for name in names:
         cfg = CONFIGS[name]
         trainers = TRAINERS[cfg["arch"]]
+        free = available_gib()
+        skip = {t: f"skipped: needs ~{need:.0f} GiB, {free:.0f} GiB available"
+                for t in trainers if (need := needs_gib(t, cfg)) > 0.9 * free}
         best: dict[str, dict] = {}
         for rep in range(args.reps):
             order = trainers[rep % len(trainers):] + trainers[:rep % len(trainers)]
             for t in order:
-                r = run_one(Path(sys.executable) if t == "ours" else peers, t, name, args)
+                if t in skip:
+                    continue
+                r = run_one(Path(sys.executable) if t.startswith("ours") else peers, t, name, args)
                 if "error" in r:
                     best.setdefault(t, r)
                 elif t not in best or "error" in best[t] or r["s_per_step"] < best[t]["s_per_step"]:
                     best[t] = r
+        quality = {}
+        for t in trainers:
+            if t in skip or "error" in best[t]:
+                continue
+            eta = best[t]["s_per_step"] * args.quality_steps
+            quality[t] = ({"skipped": f"skipped (~{eta:.0f} s)"} if eta > args.quality_budget_s
+                          else run_one(Path(sys.executable) if t.startswith("ours") else peers, t, name, args, True))
         floor = best.get("ours", {}).get("floor")
         ours = best.get("ours", {}).get("s_per_step")
         for t in trainers:
-            r = best[t]
-            if "error" in r:
-                print(f"| {name} | {t} | failed: {r['error']} | | | | |")
+            if t in skip or "error" in best[t]:
+                row(name, t, skip.get(t) or f"failed: {best[t]['error']}")
                 continue
-            s = r["s_per_step"]
-            print(f"| {name} | {t} | {s:.3f} | {cfg['batch'] / s:,.0f} | {s / ours:.2f}x | "
-                  f"{s / floor:.2f} | {r['nmse']:.4f} |" if ours and floor else f"| {name} | {t} | {s:.3f} |")
+            s = best[t]["s_per_step"]
+            row(name, t, f"{s:.3f}", f"{cfg['batch'] / s:,.0f}", f"{s / ours:.2f}x" if ours else "",
+                f"{s / floor:.2f}" if floor else "", f"{best[t]['peak_gib']:.1f}", *quality_cells(quality[t]))
+            if name in GROWTH:
+                growth.setdefault(t, {})[cfg["n"]] = s
         if floor:
-            print(f"| {name} | encoder matmul alone | {floor:.3f} | {cfg['batch'] / floor:,.0f} | | 1.00 | |")
+            bf16 = best["ours"]["floor_bf16"]
+            row(name, "encoder matmul fp32", f"{floor:.3f}", f"{cfg['batch'] / floor:,.0f}", "", "1.00")
+            row(name, "encoder matmul bf16", f"{bf16:.3f}", f"{cfg['batch'] / bf16:,.0f}", "", f"{bf16 / floor:.2f}")
+        q = quality.get("ours", {})
+        if "overlap" in q:
+            notes.append(f"{name}: ours' bf16 ranking picks {q['overlap']:.2%} of the exact top-{cfg['k']} on "
+                         f"{N_EVAL:,} held-out vectors; its encoder forward takes {q['encode_bf16']:.3f} s against "
+                         f"{q['encode_exact']:.3f} s exact (speed-up {q['encode_exact'] / q['encode_bf16']:.2f}x)")
+    for t, points in growth.items():
+        if len(points) >= 2:
+            logs = [(math.log(n), math.log(s)) for n, s in points.items()]
+            mx, my = sum(a for a, _ in logs) / len(logs), sum(b for _, b in logs) / len(logs)
+            a = sum((x - mx) * (y - my) for x, y in logs) / sum((x - mx) ** 2 for x, _ in logs)
+            notes.append(f"{t}: s/step grows as n^{a:.2f} (TopK, n = {', '.join(f'{n:,}' for n in points)})")
+    if notes:
+        print()
+        print("\n".join(notes))
 
 
 if __name__ == "__main__":
