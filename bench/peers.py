@@ -15,7 +15,7 @@ Quality pass, after a config's timing: one more subprocess per trainer trains --
 same batches and reports held-out nmse, so speed is not bought with quality; a trainer whose timed steps put
 that over --quality-budget-s is skipped. For ours it also reports the share of the exact top-k winners that
 the bf16 ranking picks on the held-out vectors, and both encoder forwards' times.
-A trainer whose estimated memory exceeds 90% of MemAvailable is skipped before it starts (n = 2^20).
+A trainer whose estimated peak memory (working set included) exceeds MemAvailable is skipped before it starts.
 Last, how s/step grows with n over the TopK configs measured.
 
 Usage: .venv/bin/python bench/peers.py [--configs topk-24k,topk-98k,relu-24k] [--reps 2] [--steps 4]
@@ -309,7 +309,7 @@ def main() -> None:
         trainers = TRAINERS[cfg["arch"]]
         free = available_gib()
         skip = {t: f"skipped: needs ~{need:.0f} GiB, {free:.0f} GiB available"
-                for t in trainers if (need := needs_gib(t, cfg)) > 0.9 * free}
+                for t in trainers if (need := needs_gib(t, cfg)) > free}
         best: dict[str, dict] = {}
         for rep in range(args.reps):
             order = trainers[rep % len(trainers):] + trainers[:rep % len(trainers)]

@@ -25,6 +25,9 @@ class TrainConfig(BaseModel):
     b_pre_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     init_samples: int = Field(32768, ge=1)  # vectors for b_pre and the MSE normalisation constant
     tied_init: bool = True  # W_enc = W_dec^T at init
+    # fit: W_enc scaled by the least-squares factor of the initial reconstruction on the init sample (kept
+    # only if it lowers that error); a number: that factor (1.0 = the paper's plain tied init)
+    init_encoder_scale: float | Literal["fit"] = "fit"
     decoder_unit_norm: bool = True  # unit-norm decoder rows + parallel-gradient removal every step
     dead_window_tokens: int = Field(10_000_000, ge=1)  # a latent is dead after this many tokens unfired
     ema_decay: float | None = Field(None, gt=0, lt=1)
@@ -47,6 +50,13 @@ class TrainConfig(BaseModel):
     def _lr_positive_finite(cls, v):
         if v != "auto" and not (math.isfinite(v) and v > 0):
             raise ValueError("must be a finite number > 0 or 'auto'")
+        return v
+
+    @field_validator("init_encoder_scale")
+    @classmethod
+    def _scale_positive_finite(cls, v):
+        if v != "fit" and not (math.isfinite(v) and v > 0):
+            raise ValueError("must be a finite number > 0 or 'fit'")
         return v
 
     @field_validator("lr_decay_frac")

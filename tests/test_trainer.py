@@ -259,3 +259,27 @@ def test_latent_statistics_are_saved_with_the_sae_and_match_a_dense_reference(tm
     torch.testing.assert_close(stats["mean_activation"], mean_when_active.float())
     assert r.metrics["dead_frac_eval"] == pytest.approx(float((stats["frequency"] == 0).double().mean()))
     assert r.metrics["l0"] == pytest.approx(float(stats["frequency"].double().sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", [{"arch": "topk", "k": 4}, {"arch": "relu"}])
+def test_fitted_encoder_scale_is_the_least_squares_factor_of_the_initial_reconstruction(arch):
+    src = SyntheticSource(d_in=16, n_features=64, seed=3)
+    sae_cfg = {"d_in": 16, "n_latents": 128, **arch}
+    train = {"train_tokens": 64, "batch_size": 32, "init_samples": 512}
+    plain = Trainer(sae_cfg, {**train, "init_encoder_scale": 1.0}, src).start().sae.arch
+    fitted = Trainer(sae_cfg, {**train}, src).start().sae.arch
+    tripled = Trainer(sae_cfg, {**train, "init_encoder_scale": 3.0}, src).start().sae.arch
+    torch.testing.assert_close(tripled.W_enc, 3 * plain.W_enc)
+    # float64 reference: the factor that minimises ||x - b_pre - s (x_hat - b_pre)||^2 on the init sample
+    x = normalize(src.sample(512).double(), "unit_norm")[0]
+    with torch.no_grad():
+        r = plain.double().decode(plain.double().encode(x)) - plain.b_pre
+        s = float(((x - plain.b_pre) * r).sum() / (r * r).sum())
+        torch.testing.assert_close(fitted.W_enc.double(), s * plain.W_enc, rtol=1e-5, atol=1e-7)
+        fitted = fitted.double()
+        before = float((x - plain.b_pre - r).pow(2).sum())
+        after = float((x - fitted.decode(fitted.encode(x))).pow(2).sum())
+        baseline = float((x - plain.b_pre).pow(2).sum())
+    assert s < 1 and after < before
+    if arch["arch"] == "relu":  # the plain tied ReLU init reconstructs worse than b_pre alone; the fitted one better
+        assert before > baseline > after

@@ -10,7 +10,8 @@ O(B n d) for the dense equivalents. scatter returns a coalesced sparse COO tenso
 that occur: at n = 2^20 a dense [n, d] gradient would be 3 GiB per weight, mostly zeros (optim.py
 applies Adam to it as to its dense equivalent). They are built from torch ops that have CPU and CUDA kernels
 (embedding_bag, CSR sampled matmul, CSR x dense), measured fastest on CPU among the alternatives
-(bench/train_step.py); index_add_ and gather+bmm were 3-10x slower here.
+(bench/train_step.py); index_add_ and gather+bmm were 3-10x slower here. On CUDA, with Triton installed,
+the same three run as Triton kernels (triton_rows.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,20 @@ import torch
 import torch.nn.functional as F
 
 
+def _triton(*tensors: torch.Tensor):
+    """triton_rows where every tensor is on CUDA in a dtype its kernels take and Triton is installed."""
+    if not all(t.is_cuda for t in tensors) or tensors[-1].dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    try:
+        from sae_core.kernels import triton_rows
+    except ImportError:
+        return None
+    return triton_rows
+
+
 def rows_combine(idx: torch.Tensor, w: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    if (kernels := _triton(idx, W)) is not None:
+        return kernels.rows_combine(idx, w, W)
     return F.embedding_bag(idx, W, per_sample_weights=w.to(W.dtype), mode="sum")
 
 
@@ -39,6 +53,8 @@ def _row_major_csr(idx: torch.Tensor, values: torch.Tensor, n: int) -> torch.Ten
 
 
 def rows_dot(idx: torch.Tensor, G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    if (kernels := _triton(idx, G, W)) is not None:
+        return kernels.rows_dot(idx, G, W)
     B, k = idx.shape
     G = G.to(W.dtype)
     pattern = _row_major_csr(idx, torch.zeros(B * k, dtype=W.dtype, device=W.device), W.shape[0])
@@ -53,6 +69,10 @@ def rows_scatter(idx: torch.Tensor, w: torch.Tensor, X: torch.Tensor, n: int) ->
     rows, counts = torch.unique_consecutive(flat[order], return_counts=True)
     crow = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=idx.device)
     crow[1:] = counts.cumsum(0)
-    batch_of = torch.arange(B, device=idx.device).repeat_interleave(k)
-    zt = _csr(crow, batch_of[order], w.reshape(-1).to(X.dtype)[order], (rows.numel(), B))
-    return torch.sparse_coo_tensor(rows[None], zt @ X, (n, X.shape[1]), is_coalesced=True, check_invariants=False)
+    src = torch.arange(B, device=idx.device).repeat_interleave(k)[order]
+    vals = w.reshape(-1).to(X.dtype)[order]
+    if (kernels := _triton(idx, X)) is not None:
+        out = kernels.rows_gather_sum(crow, src, vals, X)
+    else:
+        out = _csr(crow, src, vals, (rows.numel(), B)) @ X
+    return torch.sparse_coo_tensor(rows[None], out, (n, X.shape[1]), is_coalesced=True, check_invariants=False)
