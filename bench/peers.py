@@ -275,6 +275,8 @@ def row(*cells: str) -> None:
 
 def quality_cells(q: dict) -> tuple[str, str]:
     """(nmse, bf16 overlap) of a quality-pass result."""
+    if not q:  # no quality pass (--quality-steps 0)
+        return "", ""
     if "nmse" in q:
         return f"{q['nmse']:.4f}", f"{q['overlap']:.2%}" if "overlap" in q else ""
     return q.get("skipped") or f"failed: {q['error']}", ""
@@ -322,7 +324,7 @@ def main() -> None:
                 elif t not in best or "error" in best[t] or r["s_per_step"] < best[t]["s_per_step"]:
                     best[t] = r
         quality = {}
-        for t in trainers:
+        for t in trainers if args.quality_steps else []:
             if t in skip or "error" in best[t]:
                 continue
             eta = best[t]["s_per_step"] * args.quality_steps
@@ -336,7 +338,7 @@ def main() -> None:
                 continue
             s = best[t]["s_per_step"]
             row(name, t, f"{s:.3f}", f"{cfg['batch'] / s:,.0f}", f"{s / ours:.2f}x" if ours else "",
-                f"{s / floor:.2f}" if floor else "", f"{best[t]['peak_gib']:.1f}", *quality_cells(quality[t]))
+                f"{s / floor:.2f}" if floor else "", f"{best[t]['peak_gib']:.1f}", *quality_cells(quality.get(t, {})))
             if name in GROWTH:
                 growth.setdefault(t, {})[cfg["n"]] = s
         if floor:
