@@ -11,6 +11,15 @@ from sae_core.errors import validate
 Finite = dict(allow_inf_nan=False)
 
 
+def _positive_or(keyword: str):
+    """Validator of a setting that is a finite number > 0 or the one keyword."""
+    def check(v):
+        if v != keyword and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"must be a finite number > 0 or '{keyword}'")
+        return v
+    return check
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -45,19 +54,8 @@ class TrainConfig(BaseModel):
     checkpoint_every_tokens: int | None = Field(None, ge=1)  # None: 10 checkpoints per run
     resample_dead: int | None = Field(None, ge=0)  # times to resample dead latents; None: the family's default
 
-    @field_validator("lr")
-    @classmethod
-    def _lr_positive_finite(cls, v):
-        if v != "auto" and not (math.isfinite(v) and v > 0):
-            raise ValueError("must be a finite number > 0 or 'auto'")
-        return v
-
-    @field_validator("init_encoder_scale")
-    @classmethod
-    def _scale_positive_finite(cls, v):
-        if v != "fit" and not (math.isfinite(v) and v > 0):
-            raise ValueError("must be a finite number > 0 or 'fit'")
-        return v
+    _lr_positive_finite = field_validator("lr")(_positive_or("auto"))
+    _scale_positive_finite = field_validator("init_encoder_scale")(_positive_or("fit"))
 
     @field_validator("lr_decay_frac")
     @classmethod

@@ -23,13 +23,13 @@ import torch.nn.functional as F
 
 def _triton(*tensors: torch.Tensor):
     """triton_rows where every tensor is on CUDA in a dtype its kernels take and Triton is installed."""
-    if not all(t.is_cuda for t in tensors) or tensors[-1].dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if not all(t.is_cuda for t in tensors):
         return None
     try:
         from sae_core.kernels import triton_rows
     except ImportError:
         return None
-    return triton_rows
+    return triton_rows if tensors[-1].dtype in triton_rows.DTYPES else None
 
 
 def rows_combine(idx: torch.Tensor, w: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

@@ -122,11 +122,11 @@ def select_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, k: int
     best = aux = None
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
+        bc = b[start:stop] if b is not None else None
         if cheap:
-            pre = xs @ _ranking_weights(W[start:stop], b[start:stop] if b is not None else None, xs.shape[1],
-                                        selection.dtype)
+            pre = xs @ _ranking_weights(W[start:stop], bc, xs.shape[1], selection.dtype)
         else:
-            pre = F.linear(x, W[start:stop], b[start:stop] if b is not None else None)
+            pre = F.linear(x, W[start:stop], bc)
         vals, idx = pre.topk(min(m, stop - start), dim=-1, sorted=sorted and one_pass)
         best = _keep_top(best, vals, idx + start, m)
         if among is not None and k_among:
