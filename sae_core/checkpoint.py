@@ -1,10 +1,20 @@
-"""Trainer checkpoints: one safetensors file holding weights, optimizer state, weight EMA, dead-latent
-counters and RNG state, with the scalar state (step, tokens, curve so far) as JSON metadata.
-One file, written atomically, so a crash leaves either the previous checkpoint or the new one.
+"""Trainer checkpoints: weights, optimizer state, weight EMA, dead-latent counters and RNG state as one
+safetensors file per latent shard, and a JSON manifest that commits them.
+
+    <run>/trainer_state.json                                    manifest: scalar state, files, row ranges
+    <run>/trainer_state/step-0000001200/shard-00000-of-00002.safetensors
+
+Every shard writes its rows into the folder of the step; once all have, rank 0 replaces the manifest
+(atomically) and removes older folders. A crash at any point leaves a manifest naming a complete set.
+Replicas hold identical state, so replica 0 of each shard writes it. A single process is one shard.
+
+Loading reads rows [start, stop) of every per-latent tensor from whichever files hold them, so a run
+resumes under a different number of shards, and `consolidate` reads all rows: the whole SAE.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,9 +22,12 @@ import torch
 from safetensors import safe_open
 
 from sae_core.errors import DataError
-from sae_core.io import save_safetensors_atomic
+from sae_core.io import save_safetensors_atomic, write_json_atomic
+from sae_core.parallel.mesh import TRIVIAL, Mesh
 
-STATE_FILE = "trainer_state.safetensors"
+MANIFEST = "trainer_state.json"
+SHARD_DIR = "trainer_state"
+DEAD_KEY = "dead.tokens_since_fired"
 
 
 @dataclass
@@ -24,37 +37,94 @@ class TrainerState:
     flops: float = 0.0
     mse_scale: float = 1.0
     fingerprint: str = ""
+    loss_scale: float = 1.0  # fp16 autocast's dynamic loss scale, and the finite steps since it last changed
+    loss_scale_good_steps: int = 0
     curve: list[dict] = field(default_factory=list)
 
 
-def save_checkpoint(path: Path, state: TrainerState, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    tokens_since_fired: torch.Tensor, ema: dict[str, torch.Tensor] | None) -> None:
+def _latent_keys(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The tensors indexed by latent along dim 0: per-latent parameters, their Adam moments and EMA, the
+    dead counters (an Adam step count is a scalar, the same on every shard)."""
+    names = set(model.latent_parameters())
+    return sorted(k for k, v in tensors.items()
+                  if k == DEAD_KEY or (v.dim() >= 1 and k.split(".")[1] in names and k.split(".")[0] in
+                                       ("model", "optim", "ema")))
+
+
+def save_checkpoint(out_dir: Path, state: TrainerState, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    tokens_since_fired: torch.Tensor, ema: dict[str, torch.Tensor] | None,
+                    sae_config: dict, mesh: Mesh = TRIVIAL) -> None:
+    out_dir = Path(out_dir)
+    step_dir = f"{SHARD_DIR}/step-{state.step:010d}"
+    n = sae_config["n_latents"]
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     for name, p in model.named_parameters():
         for key, value in opt.state.get(p, {}).items():
             tensors[f"optim.{name}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     for name, value in (ema or {}).items():
         tensors[f"ema.{name}"] = value
-    tensors["dead.tokens_since_fired"] = tokens_since_fired
+    tensors[DEAD_KEY] = tokens_since_fired
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_safetensors_atomic(tensors, path, metadata={"state": json.dumps(asdict(state))})
+    if mesh.writer:
+        save_safetensors_atomic(tensors, out_dir / step_dir / _shard_file(mesh.shard, mesh.shards))
+    mesh.barrier()
+    if mesh.leader:
+        write_json_atomic(out_dir / MANIFEST, {
+            "state": asdict(state), "sae": sae_config, "latent_keys": _latent_keys(model, tensors),
+            "shards": [{"file": f"{step_dir}/{_shard_file(s, mesh.shards)}", "rows": list(mesh.latent_range(n, s))}
+                       for s in range(mesh.shards)]})
+        for old in (out_dir / SHARD_DIR).glob("step-*"):
+            if old.name < f"step-{state.step:010d}":  # later folders may be being written already
+                shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    device: torch.device) -> tuple[TrainerState, torch.Tensor, dict[str, torch.Tensor]]:
-    """Restore model and optimizer in place; return the scalar state, dead counters and EMA tensors."""
+def _shard_file(shard: int, shards: int) -> str:
+    return f"shard-{shard:05d}-of-{shards:05d}.safetensors"
+
+
+def has_checkpoint(out_dir: Path) -> bool:
+    return (Path(out_dir) / MANIFEST).is_file()
+
+
+def _read(out_dir: Path, start: int, stop: int, device: torch.device | str, keys=None) -> tuple[dict, dict]:
+    """The manifest and its tensors, per-latent ones restricted to rows [start, stop)."""
+    path = Path(out_dir) / MANIFEST
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            state = TrainerState(**json.loads(f.metadata()["state"]))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        manifest = json.loads(path.read_text())
+        shards = manifest["shards"]
+        latent = set(manifest["latent_keys"])
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(Path(out_dir) / shards[0]["file"]), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                if key not in latent and (keys is None or key.split(".")[0] in keys):
+                    tensors[key] = f.get_tensor(key)
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in latent if keys is None or k.split(".")[0] in keys}
+        for shard in shards:
+            lo, hi = shard["rows"]
+            a, b = max(lo, start), min(hi, stop)
+            if a >= b:
+                continue
+            with safe_open(str(Path(out_dir) / shard["file"]), framework="pt", device=str(device)) as f:
+                for key in parts:
+                    parts[key].append(f.get_slice(key)[a - lo:b - lo])
+        tensors.update({k: torch.cat(v) for k, v in parts.items()})
     except Exception as err:  # a truncated or foreign file: say which, do not guess
-        raise DataError(f"{path}: unreadable trainer checkpoint ({err}); delete it to restart the run") from None
+        raise DataError(f"{path}: unreadable trainer checkpoint ({type(err).__name__}: {err}); delete it and "
+                        f"{SHARD_DIR}/ to restart the run") from None
+    return manifest, tensors
+
+
+def load_checkpoint(out_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
+                    mesh: Mesh = TRIVIAL) -> tuple[TrainerState, torch.Tensor, dict[str, torch.Tensor]]:
+    """Restore this shard's model and optimizer in place; return the scalar state, dead counters and EMA."""
+    start = model.latent_start
+    manifest, tensors = _read(out_dir, start, start + model.n_local, device)
+    state = TrainerState(**manifest["state"])
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    names = [name for name, _ in model.named_parameters()]
     opt_state = {}
-    for i, name in enumerate(names):
+    for i, (name, _) in enumerate(model.named_parameters()):
         prefix = f"optim.{name}."
         entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if entry:
@@ -64,4 +134,18 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"].cpu())
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-    return state, tensors["dead.tokens_since_fired"], ema
+    return state, tensors[DEAD_KEY], ema
+
+
+def consolidate(out_dir: Path, device: str | torch.device = "cpu"):
+    """The SAE of a run's latest checkpoint, whole, in one process (however many shards wrote it)."""
+    from sae_core.sae import SAE
+
+    manifest = json.loads((Path(out_dir) / MANIFEST).read_text()) if has_checkpoint(out_dir) else None
+    if manifest is None:
+        raise DataError(f"{Path(out_dir) / MANIFEST}: not found; the run has written no checkpoint")
+    n = manifest["sae"]["n_latents"]
+    _, tensors = _read(out_dir, 0, n, device, keys={"model"})
+    sae = SAE(manifest["sae"], init_seed=None)
+    sae.arch.load_state_dict({k[6:]: v for k, v in tensors.items()})
+    return sae.to(device)

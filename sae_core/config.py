@@ -46,6 +46,9 @@ class TrainConfig(BaseModel):
     # (sae_core/kernels/topk_select.py); auto = bf16 where the hardware has native bf16 matmul
     topk_select: Literal["auto", "exact", "bf16"] = "auto"
     topk_select_capacity: float = Field(2.0, ge=1, le=64, **Finite)  # bf16 candidates kept per winner
+    # sharded TopK: candidates each of S shards offers, as a multiple of k / S (Gao et al. D.1: 2); exact
+    # whenever S <= shard_capacity
+    shard_capacity: float = Field(2.0, ge=1, **Finite)
     device: str = "auto"  # auto: cuda if available, else cpu
     seed: int = 0
     curve_points_per_decade: int = Field(5, ge=1)

@@ -15,6 +15,8 @@ from typing import Iterable, Iterator
 import torch
 from torch.optim.adam import adam
 
+from sae_core.parallel.mesh import TRIVIAL, Mesh
+
 ROW_BLOCK_ENTRIES = 2**24  # 64 MiB of fp32 gradient densified at a time
 
 
@@ -84,13 +86,19 @@ class Adam(torch.optim.Optimizer):
 
 
 @torch.no_grad()
-def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
-    """torch.nn.utils.clip_grad_norm_ for dense and row-sparse gradients alike; returns the total norm."""
-    params = [p for p in params if p.grad is not None]
-    total = torch.linalg.vector_norm(torch.stack([
-        torch.linalg.vector_norm(row_sparse_parts(p.grad)[1]) for p in params])) if params else torch.tensor(0.0)
-    coef = max_norm / (float(total) + 1e-6)
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, shared: Iterable[torch.nn.Parameter] = (),
+                   mesh: Mesh = TRIVIAL) -> float:
+    """torch.nn.utils.clip_grad_norm_ for dense and row-sparse gradients alike; returns the total norm.
+    params are split over the mesh's shards (their squared norms are summed over shards), `shared` ones are
+    whole on every shard (counted once)."""
+    params, shared = [p for p in params if p.grad is not None], [p for p in shared if p.grad is not None]
+
+    def sq(ps):
+        return sum((torch.linalg.vector_norm(row_sparse_parts(p.grad)[1]).double() ** 2 for p in ps),
+                   torch.zeros((), dtype=torch.float64))
+    total = float(mesh.reduce_(sq(params).reshape(1).cpu(), "shards") + sq(shared).cpu()) ** 0.5
+    coef = max_norm / (total + 1e-6)
     if coef < 1:
-        for p in params:
+        for p in params + shared:
             p.grad.mul_(coef)
-    return float(total)
+    return total

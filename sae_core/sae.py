@@ -18,6 +18,7 @@ from sae_core.architectures import Architecture, Code, SAEConfig, SparseCode, bu
 from sae_core.errors import DataError
 from sae_core.io import save_safetensors_atomic, write_json_atomic
 from sae_core.normalization import TokenStats, denormalize, normalize
+from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
@@ -25,16 +26,17 @@ LATENT_STATS_FILE = "latent_stats.safetensors"  # written by the trainer beside 
 
 
 class SAE(nn.Module):
-    def __init__(self, cfg: SAEConfig | dict, meta: dict | None = None, init_seed: int | None = 0):
+    def __init__(self, cfg: SAEConfig | dict, meta: dict | None = None, init_seed: int | None = 0,
+                 mesh: Mesh = TRIVIAL):
         """meta: what was trained on and how (hook, train settings, metrics), kept in config.json beside `sae`.
         init_seed: the tied random initialisation the trainer starts from; None leaves the weights unset
-        (they are about to be loaded)."""
+        (they are about to be loaded). mesh: the latent shard this process holds, in sharded training."""
         super().__init__()
         self.cfg = parse_sae_config(cfg)
-        self.arch: Architecture = build_architecture(self.cfg)
+        self.arch: Architecture = build_architecture(self.cfg, mesh)
         self.meta = dict(meta or {})
         if init_seed is not None:
-            self.arch.reset_parameters(True, torch.Generator().manual_seed(init_seed))
+            self.arch.reset_parameters(True, init_seed)
 
     # --- inference -------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenStats | None]:

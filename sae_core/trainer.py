@@ -2,10 +2,18 @@
 optimizer with the decoder constraint, tracks dead latents, records training curves at log-spaced
 token counts, checkpoints, and evaluates on held-out vectors. Families plug in through
 `Architecture.loss` (sae_core/architectures/base.py).
+
+The same code trains one SAE on S x R processes (sae_core/parallel/mesh.py): each holds a shard of the
+latents and a replica's slice of every batch. What crosses processes, and why it is then equal to the
+single-process run: the b_pre gradient is summed over shards in backward (every shard's encoder reads
+x - b_pre); gradients are averaged over replicas (each replica's loss is its rows' mean); the dead-latent
+counters take the minimum over replicas (a latent fired if it fired in any replica's rows); the gradient
+norm sums the shards' squares; the finite-loss and loss-scale decisions are agreed by all ranks.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -18,14 +26,16 @@ import torch
 
 from sae_core.architectures import LossOutput, SAEConfig, StepContext, parse_sae_config
 from sae_core.architectures.base import registry
-from sae_core.checkpoint import STATE_FILE, TrainerState, load_checkpoint, save_checkpoint
+from sae_core.checkpoint import TrainerState, has_checkpoint, load_checkpoint, save_checkpoint
 from sae_core.config import TrainConfig, parse_train_config, with_family_defaults
 from sae_core.errors import ConfigError
 from sae_core.geometric_median import geometric_median
 from sae_core.kernels import resolve_selection
 from sae_core.evaluation.reconstruction import Evaluation, evaluate, save_latent_stats
+from sae_core.loss_scale import INITIAL_SCALE, unscale_and_update
 from sae_core.normalization import normalize
 from sae_core.optim import Adam, clip_grad_norm, row_sparse_parts
+from sae_core.parallel.mesh import TRIVIAL, Mesh
 from sae_core.sae import LATENT_STATS_FILE, SAE
 from sae_core.sources.base import ActivationSource
 
@@ -77,17 +87,44 @@ def lr_at(step: int, total_steps: int, base: float, cfg: TrainConfig) -> float:
     return base * scale
 
 
+def resolved_resamples(sae_cfg: SAEConfig, cfg: TrainConfig) -> int:
+    return registry()[sae_cfg.arch].default_resamples if cfg.resample_dead is None else cfg.resample_dead
+
+
+def layout_problems(sae_cfg: SAEConfig, cfg: TrainConfig, shards: int, replicas: int) -> list[str]:
+    """Why S shards x R replicas cannot train this run, as "key: reason; allowed" lines (none if they can)."""
+    problems = []
+    if shards > 1:
+        shardable = sorted(name for name, fam in registry().items() if fam.shardable)
+        if not registry()[sae_cfg.arch].shardable:
+            problems.append(f"shards: {sae_cfg.arch} cannot be sharded over latents; allowed with shards > 1: "
+                            f"{', '.join(shardable)} (replicas work for every architecture)")
+        elif sae_cfg.n_latents % shards:
+            problems.append(f"shards: {shards} does not divide n_latents ({sae_cfg.n_latents}); allowed: a divisor")
+        if resolved_resamples(sae_cfg, cfg):
+            problems.append("train.resample_dead: resampling is not sharded; allowed with shards > 1: 0")
+    if cfg.batch_size % replicas:
+        problems.append(f"train.batch_size: {cfg.batch_size} is not a multiple of replicas ({replicas}); "
+                        "allowed: a multiple")
+    return problems
+
+
 class Trainer:
     def __init__(self, sae_cfg: SAEConfig | dict, train_cfg: TrainConfig | dict, source: ActivationSource,
-                 out_dir: str | Path | None = None, meta: dict | None = None):
-        """meta: saved with the SAE (e.g. the hook it reads: {"hook": {"model", "site", "layers"}})."""
+                 out_dir: str | Path | None = None, meta: dict | None = None, mesh: Mesh = TRIVIAL):
+        """meta: saved with the SAE (e.g. the hook it reads: {"hook": {"model", "site", "layers"}}).
+        mesh: this process's shard and replica when the run is trained by several (build_mesh)."""
         self.meta = dict(meta or {})
         self.sae_cfg = parse_sae_config(sae_cfg)
         family = registry()[self.sae_cfg.arch]
         cfg = parse_train_config(train_cfg)
         # the family's own training settings, for the keys the user left at their defaults
         self.cfg = with_family_defaults(cfg, family.train_defaults)
-        resamples = family.default_resamples if self.cfg.resample_dead is None else self.cfg.resample_dead
+        problems = layout_problems(self.sae_cfg, self.cfg, mesh.shards, mesh.replicas)
+        if problems:
+            raise ConfigError("\n".join(problems))
+        self.mesh = dataclasses.replace(mesh, capacity=self.cfg.shard_capacity)
+        resamples = resolved_resamples(self.sae_cfg, self.cfg)
         total = self.cfg.steps()
         self.resample_steps = {round(total * i / (resamples + 1)) for i in range(1, resamples + 1)} - {0}
         if source.d_in != self.sae_cfg.d_in:
@@ -104,7 +141,7 @@ class Trainer:
     def _init_from_data(self, sae: SAE) -> float:
         cfg = self.cfg
         sample, _ = normalize(self.source.sample(cfg.init_samples).to(torch.float64), self.sae_cfg.normalization)
-        sae.arch.reset_parameters(cfg.tied_init, torch.Generator().manual_seed(cfg.seed))
+        sae.arch.reset_parameters(cfg.tied_init, cfg.seed)
         with torch.no_grad():
             if cfg.b_pre_init == "geometric_median":
                 sae.arch.b_pre.copy_(geometric_median(sample))
@@ -186,19 +223,20 @@ class Trainer:
         """Build the SAE and optimizer, from out_dir's checkpoint if there is one, else from data."""
         cfg, device = self.cfg, self.device
         torch.manual_seed(cfg.seed)
-        sae = SAE(self.sae_cfg, init_seed=None).to(device)
+        sae = SAE(self.sae_cfg, init_seed=None, mesh=self.mesh).to(device)
         base_lr = cfg.resolved_lr(self.sae_cfg.n_latents)
         opt = self._optimizer(sae, base_lr)
-        ckpt = self.out_dir / STATE_FILE if self.out_dir else None
-        if ckpt is not None and ckpt.is_file():
-            st, tsf, ema = load_checkpoint(ckpt, sae.arch, opt, device)
+        if self.out_dir is not None and has_checkpoint(self.out_dir):
+            st, tsf, ema = load_checkpoint(self.out_dir, sae.arch, opt, device, self.mesh)
             if st.fingerprint != self.fingerprint:
-                raise ConfigError(f"{ckpt}: checkpoint belongs to a different config; delete it or use another out_dir")
+                raise ConfigError(f"{self.out_dir}: its checkpoint belongs to a different config; delete it or use "
+                                  "another out_dir")
         else:
-            st = TrainerState(mse_scale=self._init_from_data(sae), fingerprint=self.fingerprint)
-            tsf = torch.zeros(self.sae_cfg.n_latents, dtype=torch.int64, device=device)
+            st = TrainerState(mse_scale=self._init_from_data(sae), fingerprint=self.fingerprint,
+                              loss_scale=INITIAL_SCALE if cfg.autocast == "fp16" else 1.0)
+            tsf = torch.zeros(sae.arch.n_local, dtype=torch.int64, device=device)
             ema = {k: torch.zeros_like(p) for k, p in sae.arch.named_parameters()} if cfg.ema_decay else {}
-        return TrainingSession(self, sae, opt, st, tsf, ema, base_lr, ckpt)
+        return TrainingSession(self, sae, opt, st, tsf, ema, base_lr)
 
     def run(self, max_steps: int | None = None,
             curve_metrics: Callable[[SAE, dict], dict[str, float]] | None = None) -> RunResult:
@@ -240,7 +278,7 @@ class Trainer:
             if st.step in sample_at:
                 m = self._evaluate(sae, curve_x, session.ema, st.step)[0].metrics
                 # loss terms first: a family's term can never shadow a held-out column of the same name
-                row = {**{k: float(v) for k, v in out.terms.items()},
+                row = {**self._replica_mean(out.terms),
                        "step": st.step, "tokens": st.tokens, "flops": st.flops, "nmse": m["nmse"], "l0": m["l0"],
                        "dead_frac": session.dead_frac(), "lr": session.lr}
                 st.curve.append({**row, **(curve_metrics(sae, row) if curve_metrics else {})})
@@ -254,14 +292,36 @@ class Trainer:
         metrics = {**final.metrics, "dead_frac": session.dead_frac()}
         if ema_used:  # keep the better weights as the run's SAE
             self._load_ema(sae, session.ema, st.step)
+        whole = self._consolidated(sae)  # None on every rank but the leader
         result = RunResult(status=status, error=error, metrics=metrics, curve=list(st.curve), steps=st.step,
                            tokens=st.tokens, flops=st.flops, lr=session.base_lr, wall_seconds=time.time() - t_start,
-                           device=str(self.device), ema_used=ema_used, sae=sae)
-        if self.out_dir is not None and status == "ok":
-            sae.meta.update(self.meta, train=cfg.model_dump(), metrics=metrics, ema_used=ema_used)
-            sae.save(self.out_dir)
+                           device=str(self.device), ema_used=ema_used, sae=whole)
+        if self.out_dir is not None and status == "ok" and whole is not None:
+            whole.meta.update(self.meta, train=cfg.model_dump(), metrics=metrics, ema_used=ema_used)
+            whole.save(self.out_dir)
             save_latent_stats(final, self.out_dir / LATENT_STATS_FILE)
+        self.mesh.barrier()  # the SAE is on disk before any rank reports the run finished
         return result
+
+    def _replica_mean(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The loss terms of the global batch: each replica's are of its rows, scaled so their mean is it."""
+        if not terms:
+            return {}
+        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).cpu()
+        return dict(zip(terms, self.mesh.reduce_(values, "replicas", "mean").tolist()))
+
+    def _consolidated(self, sae: SAE) -> SAE | None:
+        """The whole SAE on the leader (the shards' rows gathered), None elsewhere; the SAE itself in one process."""
+        mesh = self.mesh
+        if mesh.shards == 1:
+            return sae if mesh.leader else None
+        latent = set(sae.arch.latent_parameters())
+        state = {k: mesh.gather_shards(v, dim=0) if k in latent else v for k, v in sae.arch.state_dict().items()}
+        if not mesh.leader:
+            return None
+        whole = SAE(self.sae_cfg, init_seed=None).to(self.device)
+        whole.arch.load_state_dict(state)
+        return whole
 
 
 @dataclass
@@ -275,12 +335,11 @@ class TrainingSession:
     tokens_since_fired: torch.Tensor
     ema: dict[str, torch.Tensor]
     base_lr: float
-    ckpt: Path | None
     lr: float = 0.0
 
     def __post_init__(self):
         cfg = self.trainer.cfg
-        self.scaler = torch.amp.GradScaler(self.trainer.device.type) if cfg.autocast == "fp16" else None
+        self.scaled = cfg.autocast == "fp16"
         self.constrain = cfg.decoder_unit_norm and self.sae.arch.constrain_decoder
 
     @torch.no_grad()
@@ -297,7 +356,7 @@ class TrainingSession:
         weights = loss.pow(2) if float(loss.max()) > 0 else torch.ones_like(loss)
         picks = torch.multinomial(weights, dead.numel(), replacement=True, generator=gen)
         directions = torch.nn.functional.normalize(x[picks] - arch.b_pre, dim=1)
-        alive = torch.ones(arch.cfg.n_latents, dtype=torch.bool, device=x.device)
+        alive = torch.ones(arch.n_local, dtype=torch.bool, device=x.device)
         alive[dead] = False
         norms = arch.W_enc.norm(dim=1)
         encoder_norm = 0.2 * float(norms[alive].mean() if alive.any() else norms.mean())
@@ -314,56 +373,76 @@ class TrainingSession:
         """Latents unfired for dead_window_tokens."""
         return self.tokens_since_fired >= self.trainer.cfg.dead_window_tokens
 
+    def dead_count(self) -> int:
+        """Dead latents over all shards."""
+        here = self.dead_mask().sum().reshape(1)
+        return int(self.trainer.mesh.reduce_(here, "shards"))
+
     def dead_frac(self) -> float:
-        return float(self.dead_mask().float().mean())
+        return self.dead_count() / self.trainer.sae_cfg.n_latents
 
     def checkpoint(self) -> None:
-        if self.ckpt is not None:
-            save_checkpoint(self.ckpt, self.state, self.sae.arch, self.opt, self.tokens_since_fired, self.ema)
+        tr = self.trainer
+        if tr.out_dir is not None:
+            save_checkpoint(tr.out_dir, self.state, self.sae.arch, self.opt, self.tokens_since_fired, self.ema,
+                            tr.sae_cfg.model_dump(), tr.mesh)
 
-    def step(self, x: torch.Tensor) -> LossOutput | None:
-        """One optimizer step on a raw batch; None (and no update) if the loss is not finite."""
-        tr, cfg, st, arch = self.trainer, self.trainer.cfg, self.state, self.sae.arch
-        x, _ = normalize(x.to(tr.device, non_blocking=True), tr.sae_cfg.normalization)
+    def step(self, batch: torch.Tensor) -> LossOutput | None:
+        """One optimizer step on a raw global batch (this replica trains on its rows of it); None (and no
+        update) if the loss is not finite on some replica."""
+        tr, cfg, st, arch, mesh = self.trainer, self.trainer.cfg, self.state, self.sae.arch, self.trainer.mesh
+        x, _ = normalize(batch[mesh.batch_rows(batch.shape[0])].to(tr.device, non_blocking=True),
+                         tr.sae_cfg.normalization)
         dead = self.dead_mask().nonzero().squeeze(1)
         ctx = StepContext(mse_scale=st.mse_scale, dead_latents=dead if dead.numel() else None,
-                          progress=st.step / cfg.steps(), selection=tr.selection)
+                          dead_total=self.dead_count(), progress=st.step / cfg.steps(), selection=tr.selection,
+                          mesh=mesh)
         with tr._autocast():
             out = arch.loss(x, ctx)
-        if not math.isfinite(float(out.loss.detach())):
+        if not mesh.all_true(math.isfinite(float(out.loss.detach()))):
             return None
         self.opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(out.loss).backward()
-            self.scaler.unscale_(self.opt)
-        else:
-            out.loss.backward()
-        if self.constrain:
-            _remove_parallel_grad(arch.W_dec)
-        if cfg.grad_clip is not None:
-            clip_grad_norm(arch.parameters(), cfg.grad_clip)
-        self.lr = lr_at(st.step, cfg.steps(), self.base_lr, cfg)
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr
-        if self.scaler is not None:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        if self.constrain:
-            _renormalize_rows(arch.W_dec)
+        (out.loss * st.loss_scale if self.scaled else out.loss).backward()
+        self._average_replicas()
+        if not self.scaled or unscale_and_update(arch.parameters(), st, mesh):  # else skipped, as GradScaler does
+            self._update()
         if self.ema:
             with torch.no_grad():
                 for k, p in arch.named_parameters():
                     self.ema[k].lerp_(p.detach(), 1.0 - cfg.ema_decay)
-        self.tokens_since_fired += x.shape[0]
+        self.tokens_since_fired += batch.shape[0]
         self.tokens_since_fired[arch.active_latents(out.code)] = 0
-        if st.step in tr.resample_steps:
-            self.resample_dead(x)
+        mesh.reduce_(self.tokens_since_fired, "replicas", "min")
+        for buffer in arch.buffers():  # running statistics (BatchTopK's threshold): the replicas' mean
+            mesh.reduce_(buffer, "replicas", "mean")
+        if st.step in tr.resample_steps:  # from the whole batch, so every replica resamples alike
+            self.resample_dead(normalize(batch.to(tr.device), tr.sae_cfg.normalization)[0])
         st.step += 1
-        st.tokens += x.shape[0]
-        st.flops += out.flops
+        st.tokens += batch.shape[0]
+        st.flops += out.flops * mesh.replicas
         return out
+
+    def _average_replicas(self) -> None:
+        mesh = self.trainer.mesh
+        if mesh.replicas == 1:
+            return
+        for p in self.sae.arch.parameters():  # row-sparse gradients densified: replicas' rows differ
+            g = torch.zeros_like(p) if p.grad is None else p.grad.to_dense()
+            p.grad = mesh.reduce_(g, "replicas", "mean")
+
+    def _update(self) -> None:
+        tr, cfg, arch = self.trainer, self.trainer.cfg, self.sae.arch
+        if self.constrain:
+            _remove_parallel_grad(arch.W_dec)
+        if cfg.grad_clip is not None:
+            clip_grad_norm([p for k, p in arch.named_parameters() if k != "b_pre"], cfg.grad_clip,
+                           shared=[arch.b_pre], mesh=tr.mesh)
+        self.lr = lr_at(self.state.step, cfg.steps(), self.base_lr, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
+        self.opt.step()
+        if self.constrain:
+            _renormalize_rows(arch.W_dec)
 
 
 @torch.no_grad()

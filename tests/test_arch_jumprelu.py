@@ -195,7 +195,7 @@ def test_defaults_and_training_settings():
 
 def test_reset_latent_params_restores_only_the_given_latents(tmp_path):
     arch = SAE(cfg(threshold_init=0.05)).arch
-    arch.reset_parameters(True, torch.Generator().manual_seed(0))
+    arch.reset_parameters(True, 0)
     torch.testing.assert_close(arch.threshold.detach(), torch.full((N,), 0.05))
     with torch.no_grad():
         arch.threshold.normal_()

@@ -16,7 +16,7 @@ def make_sae(n: int, seed: int, arch: str = "relu", d_in: int = D) -> SAE:
     cfg = {"arch": arch, "d_in": d_in, "n_latents": n, **({"k": 4} if arch == "topk" else {})}
     sae = SAE(cfg)
     g = torch.Generator().manual_seed(seed)
-    sae.arch.reset_parameters(tied=False, generator=g)
+    sae.arch.reset_parameters(tied=False, seed=seed)
     with torch.no_grad():
         # non-unit decoder rows and nonzero biases, so nothing relies on the trainer's constraint
         sae.arch.W_dec.mul_(torch.rand(n, 1, generator=g) + 0.5)

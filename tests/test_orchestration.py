@@ -17,11 +17,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from safetensors import safe_open
 
 from analysis.results import load_curves, load_recovery, load_runs
 from orchestrator.scheduler import _check_reachable, plan_sweep, run_sweep
 from orchestrator.worker import train_pack
+from sae_core.checkpoint import MANIFEST
 from sae_core.errors import ConfigError
 
 from conftest import TINY_TEXT
@@ -86,8 +86,7 @@ def read_progress(sweep_dir: Path, run_id: str) -> dict | None:
 
 
 def checkpoint_tokens(sweep_dir: Path, run_id: str) -> int:
-    with safe_open(str(sweep_dir / "saes" / run_id / "trainer_state.safetensors"), framework="pt") as f:
-        return json.loads(f.metadata()["state"])["tokens"]
+    return json.loads((sweep_dir / "saes" / run_id / MANIFEST).read_text())["state"]["tokens"]
 
 
 def wait_mid_run(sweep_dir: Path, thread: SweepThread, timeout: float = 60) -> tuple[str, dict]:
@@ -97,7 +96,7 @@ def wait_mid_run(sweep_dir: Path, thread: SweepThread, timeout: float = 60) -> t
         assert thread.is_alive(), f"the sweep ended before a run could be interrupted: {thread.lines[-3:]}"
         for path in sorted((sweep_dir / "progress").glob("*.json")):
             rid, prog = path.stem, read_progress(sweep_dir, path.stem)
-            if (prog and 0 < prog["tokens"] < prog["total"] and (sweep_dir / "saes" / rid / "trainer_state.safetensors").is_file()
+            if (prog and 0 < prog["tokens"] < prog["total"] and (sweep_dir / "saes" / rid / MANIFEST).is_file()
                     and not (sweep_dir / "runs" / f"{rid}.parquet").exists()):
                 return rid, prog
         time.sleep(0.02)

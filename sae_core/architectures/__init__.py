@@ -15,6 +15,7 @@ from sae_core.architectures.base import (
     registry,
 )
 from sae_core.errors import ConfigError, validate
+from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":
@@ -43,8 +44,8 @@ def parse_sae_config(data: dict[str, Any] | SAEConfig, source: str = "config", p
     return validate(config_cls, data, source, prefix)
 
 
-def build_architecture(cfg: SAEConfig) -> Architecture:
-    return registry()[cfg.arch](cfg)
+def build_architecture(cfg: SAEConfig, mesh: Mesh = TRIVIAL) -> Architecture:
+    return registry()[cfg.arch](cfg, mesh)
 
 
 __all__ = [

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sae_core.kernels import EXACT, Selection, sparse_decode
+from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 Normalization = Literal["none", "unit_norm", "standardize"]
 
@@ -56,9 +57,27 @@ class StepContext:
     """What the trainer tells the architecture about the current step."""
 
     mse_scale: float  # 1 / E||x - mean(x)||^2 on the init sample: makes the main loss an FVU
-    dead_latents: torch.Tensor | None = None  # indices of latents dead by the trainer's window
+    dead_latents: torch.Tensor | None = None  # this shard's latents dead by the trainer's window (local indices)
+    dead_total: int | None = None  # dead latents over all shards; None: those of dead_latents
     progress: float = 0.0  # fraction of training done, for coefficient warm-ups
     selection: Selection = EXACT  # how the TopK family ranks its pre-activations (train.topk_select)
+    mesh: Mesh = TRIVIAL  # the run's processes: batch statistics are taken over all replicas' rows
+
+    def dead_count(self) -> int:
+        if self.dead_total is not None:
+            return self.dead_total
+        return 0 if self.dead_latents is None else len(self.dead_latents)
+
+    def batch_variance(self, e: torch.Tensor) -> torch.Tensor:
+        """sum ||e - mean(e)||^2 over the global batch, as this replica's share (times B_local / B_global):
+        a loss term sum_local / share has gradients whose mean over replicas is those of the global term."""
+        mesh = self.mesh
+        if mesh.replicas == 1:
+            return (e - e.mean(dim=0)).pow(2).sum()
+        rows = mesh.reduce_(torch.tensor([float(e.shape[0])], dtype=e.dtype, device=e.device), "replicas")
+        mean = mesh.reduce_(e.sum(dim=0), "replicas") / rows
+        total = mesh.reduce_((e - mean).pow(2).sum().reshape(1), "replicas")
+        return (total * e.shape[0] / rows)[0]
 
 
 @dataclass
@@ -73,6 +92,8 @@ def dense_flops(d_in: int, n_latents: int, batch: int, matmuls: int = 2) -> floa
     """Each dense [B, d] x [d, n] matmul costs 2Bdn forward and 4Bdn backward (weight and input gradients)."""
     return float(6 * d_in * n_latents * batch * matmuls)
 
+
+INIT_BLOCK = 4096  # latents per initialisation block (one generator each)
 
 _REGISTRY: dict[str, type["Architecture"]] = {}
 
@@ -93,13 +114,19 @@ class Architecture(nn.Module):
     train_defaults: ClassVar[dict] = {}
     # How many times dead latents are resampled in training unless train.resample_dead says otherwise.
     default_resamples: ClassVar[int] = 0
+    # Whether the latents can be split over shards (a sharded selection exists for the family's activation).
+    shardable: ClassVar[bool] = False
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg: SAEConfig, mesh: Mesh = TRIVIAL):
+        """mesh: which latents this process holds (all of them in a single process); per-latent parameters
+        have n_local rows, b_pre is whole on every shard."""
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.mesh = cfg, mesh
+        self.latent_start, stop = mesh.latent_range(cfg.n_latents)
+        self.n_local = stop - self.latent_start
         self.b_pre = nn.Parameter(torch.zeros(cfg.d_in))
-        self.W_enc = nn.Parameter(torch.empty(cfg.n_latents, cfg.d_in))
-        self.W_dec = nn.Parameter(torch.empty(cfg.n_latents, cfg.d_in))
+        self.W_enc = nn.Parameter(torch.empty(self.n_local, cfg.d_in))
+        self.W_dec = nn.Parameter(torch.empty(self.n_local, cfg.d_in))
 
     # --- what a family defines -------------------------------------------------------------
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,19 +162,28 @@ class Architecture(nn.Module):
         """Names of the parameters indexed by latent along dim 0 (all but b_pre)."""
         return [name for name, _ in self.named_parameters() if name != "b_pre"]
 
-    def reset_parameters(self, tied: bool, generator: torch.Generator) -> None:
+    def reset_parameters(self, tied: bool, seed: int) -> None:
         """Unit-norm random decoder rows; encoder tied to them (W_enc = W_dec^T in the paper's layout) or
-        torch's nn.Linear default U(-1/sqrt(d), 1/sqrt(d)); every other parameter at its initial value."""
+        torch's nn.Linear default U(-1/sqrt(d), 1/sqrt(d)); every other parameter at its initial value.
+
+        The random rows are drawn in blocks of INIT_BLOCK latents, each from its own generator, so a shard
+        draws exactly its rows of the whole SAE's initialisation without building the rest."""
+        d, start, stop = self.cfg.d_in, self.latent_start, self.latent_start + self.n_local
+        bound = 1 / math.sqrt(d)
         with torch.no_grad():
-            self.W_dec.copy_(torch.randn(self.W_dec.shape, generator=generator))
-            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
             self.b_pre.zero_()
+            for block in range(start // INIT_BLOCK, -(-stop // INIT_BLOCK)):
+                lo, hi = block * INIT_BLOCK, min((block + 1) * INIT_BLOCK, self.cfg.n_latents)
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+                here = slice(max(lo, start) - lo, min(hi, stop) - lo)
+                rows = slice(max(lo, start) - start, min(hi, stop) - start)
+                self.W_dec[rows] = torch.randn(hi - lo, d, generator=gen)[here]
+                if not tied:
+                    self.W_enc[rows] = (torch.rand(hi - lo, d, generator=gen) * 2 * bound - bound)[here]
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
             if tied:
                 self.W_enc.copy_(self.W_dec)
-            else:
-                bound = 1 / math.sqrt(self.cfg.d_in)
-                self.W_enc.copy_(torch.rand(self.W_enc.shape, generator=generator) * 2 * bound - bound)
-            self.reset_latent_params(torch.arange(self.cfg.n_latents))
+            self.reset_latent_params(torch.arange(self.n_local))
 
     @torch.no_grad()
     def reinit_latents(self, idx: torch.Tensor, directions: torch.Tensor, encoder_norm: float) -> None:
@@ -158,15 +194,15 @@ class Architecture(nn.Module):
         self.reset_latent_params(idx)
 
     def decode(self, code: Code) -> torch.Tensor:
-        if isinstance(code, SparseCode):
-            return sparse_decode(code.idx, code.vals, self.W_dec) + self.b_pre
-        return code @ self.W_dec + self.b_pre
+        """Each shard decodes its latents; the partial reconstructions are summed over shards."""
+        partial = sparse_decode(code.idx, code.vals, self.W_dec) if isinstance(code, SparseCode) else code @ self.W_dec
+        return self.mesh.sum_shards(partial) + self.b_pre
 
     def dense_latents(self, code: Code) -> torch.Tensor:
-        return code.dense(self.cfg.n_latents) if isinstance(code, SparseCode) else code
+        return code.dense(self.n_local) if isinstance(code, SparseCode) else code
 
     def active_latents(self, code: Code) -> torch.Tensor:
-        """Indices of latents active on at least one row of the batch."""
+        """Indices (this shard's) of latents active on at least one row of the batch."""
         if isinstance(code, SparseCode):
             return code.idx[code.vals > 0].unique()
         return (code > 0).any(dim=0).nonzero().squeeze(1)

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from sae_core.architectures.base import LossOutput, SparseCode, StepContext, register
 from sae_core.architectures.topk import TopK, TopKConfig
+from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 
 class BatchTopKConfig(TopKConfig):
@@ -29,9 +30,10 @@ class BatchTopK(TopK):
     name = "batchtopk"
     Config = BatchTopKConfig
     batch_select = True
+    shardable = False  # the batch's cut would need every shard's whole row of candidates
 
-    def __init__(self, cfg: BatchTopKConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: BatchTopKConfig, mesh: Mesh = TRIVIAL):
+        super().__init__(cfg, mesh)
         # -1: not estimated yet. A buffer, so it is saved with the weights and in checkpoints.
         self.register_buffer("threshold", torch.tensor(-1.0))
 

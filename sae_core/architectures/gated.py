@@ -39,6 +39,7 @@ from torch import nn
 
 from sae_core.architectures.base import LossOutput, StepContext, dense_flops, fvu_loss, register
 from sae_core.architectures.sparsity import L1Config, L1Family, l1_penalty
+from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 
 class GatedConfig(L1Config):
@@ -56,11 +57,11 @@ class Gated(L1Family):
         return dense_flops(cfg.d_in, cfg.n_latents, 1) + 4.0 * cfg.d_in * cfg.n_latents
     Config = GatedConfig
 
-    def __init__(self, cfg: GatedConfig):
-        super().__init__(cfg)
-        self.b_gate = nn.Parameter(torch.zeros(cfg.n_latents))
-        self.r_mag = nn.Parameter(torch.zeros(cfg.n_latents))
-        self.b_mag = nn.Parameter(torch.zeros(cfg.n_latents))
+    def __init__(self, cfg: GatedConfig, mesh: Mesh = TRIVIAL):
+        super().__init__(cfg, mesh)
+        self.b_gate = nn.Parameter(torch.zeros(self.n_local))
+        self.r_mag = nn.Parameter(torch.zeros(self.n_local))
+        self.b_mag = nn.Parameter(torch.zeros(self.n_local))
 
     def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Row i of the magnitude encoder is exp(r_mag_i) W_gate,i, so both paths share one matmul and the

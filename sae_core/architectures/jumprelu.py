@@ -60,6 +60,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from sae_core.architectures.base import Architecture, LossOutput, SAEConfig, StepContext, fvu_loss, register
+from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 _DEFAULT_L0_COEFF = {"l0": 2e-3, "target_l0": 10.0}
 
@@ -142,10 +143,10 @@ class JumpReLU(Architecture):
     train_defaults = {"adam_beta1": 0.0}
     default_resamples = 0
 
-    def __init__(self, cfg: JumpReLUConfig):
-        super().__init__(cfg)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
-        self.threshold = nn.Parameter(torch.full((cfg.n_latents,), float(cfg.threshold_init)))
+    def __init__(self, cfg: JumpReLUConfig, mesh: Mesh = TRIVIAL):
+        super().__init__(cfg, mesh)
+        self.b_enc = nn.Parameter(torch.zeros(self.n_local))
+        self.threshold = nn.Parameter(torch.full((self.n_local,), float(cfg.threshold_init)))
 
     def reset_latent_params(self, idx: torch.Tensor) -> None:
         with torch.no_grad():  # the trainer already holds no_grad; direct callers need not

@@ -38,6 +38,7 @@ class MultiTopKConfig(TopKConfig):
 class MultiTopK(TopK):
     name = "multi_topk"
     Config = MultiTopKConfig
+    shardable = False  # its TopK(k) is the prefix of one shard's sorted code, not of the global one
 
     def reconstruction_loss(self, x, code: SparseCode, ctx: StepContext, terms: dict):
         k = self.cfg.k

@@ -30,6 +30,7 @@ from torch import nn
 
 from sae_core.architectures.base import LossOutput, StepContext, fvu_loss, register
 from sae_core.architectures.sparsity import L1Config, L1Family, l1_penalty
+from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 ProLUGradient = Literal["ste", "relu"]
 
@@ -71,9 +72,9 @@ class ProLU(L1Family):
     name = "prolu"
     Config = ProLUConfig
 
-    def __init__(self, cfg: ProLUConfig):
-        super().__init__(cfg)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
+    def __init__(self, cfg: ProLUConfig, mesh: Mesh = TRIVIAL):
+        super().__init__(cfg, mesh)
+        self.b_enc = nn.Parameter(torch.zeros(self.n_local))
 
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
         # m, not m + b: active latents take m's value, so a test-time TopK/JumpReLU acts on m

@@ -15,6 +15,7 @@ from torch import nn
 
 from sae_core.architectures.base import LossOutput, StepContext, fvu_loss, register
 from sae_core.architectures.sparsity import L1Config, L1Family, l1_penalty
+from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 
 class ReLUConfig(L1Config):
@@ -26,9 +27,9 @@ class ReLU(L1Family):
     name = "relu"
     Config = ReLUConfig
 
-    def __init__(self, cfg: ReLUConfig):
-        super().__init__(cfg)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
+    def __init__(self, cfg: ReLUConfig, mesh: Mesh = TRIVIAL):
+        super().__init__(cfg, mesh)
+        self.b_enc = nn.Parameter(torch.zeros(self.n_local))
 
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x - self.b_pre, self.W_enc, self.b_enc)

@@ -23,7 +23,9 @@ from torch import nn
 from sae_core.architectures.base import (
     Architecture, LossOutput, SAEConfig, SparseCode, StepContext, fvu_loss, register,
 )
-from sae_core.kernels import sparse_decode, topk_encode
+from sae_core.kernels import EXACT, Selection, sparse_decode, topk_encode
+from sae_core.parallel.mesh import TRIVIAL, Mesh
+from sae_core.parallel.sharded_topk import keep_global_topk, shard_candidates
 
 
 def _k_at_most_n(value: int | None, info: ValidationInfo) -> int | None:
@@ -57,16 +59,37 @@ class TopKConfig(SAEConfig):
 class TopK(Architecture):
     name = "topk"
     Config = TopKConfig
+    shardable = True
 
-    def __init__(self, cfg: TopKConfig):
-        super().__init__(cfg)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents)) if cfg.use_b_enc else None
+    def __init__(self, cfg: TopKConfig, mesh: Mesh = TRIVIAL):
+        super().__init__(cfg, mesh)
+        self.b_enc = nn.Parameter(torch.zeros(self.n_local)) if cfg.use_b_enc else None
 
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x - self.b_pre, self.W_enc, self.b_enc)
 
+    def _select(self, x: torch.Tensor, k: int, dead: torch.Tensor | None = None, k_aux: int = 0,
+                selection: Selection = EXACT):
+        """(vals, idx) [B, m] of this shard's latents in the global top-k (other entries 0), and the AuxK code
+        (aux_vals, aux_idx) among the dead latents, k_aux of them over all shards. In one process m = k."""
+        mesh = self.mesh
+        x = mesh.to_shards(x - self.b_pre)
+        here = dead if k_aux and dead is not None and len(dead) else None
+        m_aux = min(shard_candidates(k_aux, mesh, self.n_local), len(here)) if here is not None else 0
+        vals, idx, aux_vals, aux_idx = topk_encode(
+            x, self.W_enc, self.b_enc, shard_candidates(k, mesh, self.n_local), here, m_aux, self.batch_select,
+            selection)
+        if mesh.shards > 1:
+            vals = vals * keep_global_topk(vals, k, mesh)
+            if k_aux:  # every shard offers the same width; a shard short of dead latents pads with inactive 0s
+                pad = shard_candidates(k_aux, mesh, self.n_local) - aux_vals.shape[1]
+                aux_vals = torch.cat([aux_vals, aux_vals.new_zeros(aux_vals.shape[0], pad)], dim=1)
+                aux_idx = torch.cat([aux_idx, aux_idx.new_zeros(aux_idx.shape[0], pad)], dim=1)
+                aux_vals = aux_vals * keep_global_topk(aux_vals, k_aux, mesh)
+        return vals, idx, aux_vals, aux_idx
+
     def encode_sparse(self, x: torch.Tensor, k: int | None = None) -> SparseCode:
-        vals, idx, _, _ = topk_encode(x - self.b_pre, self.W_enc, self.b_enc, k or self.cfg.k)
+        vals, idx, _, _ = self._select(x, k or self.cfg.k)
         return SparseCode(idx, vals)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
@@ -90,17 +113,14 @@ class TopK(Architecture):
 
     def loss(self, x: torch.Tensor, ctx: StepContext) -> LossOutput:
         cfg: TopKConfig = self.cfg
-        dead = ctx.dead_latents if cfg.aux_coeff > 0 and ctx.dead_latents is not None else None
-        k_aux = min(cfg.resolved_k_aux, len(dead)) if dead is not None else 0
-        vals, idx, aux_vals, aux_idx = topk_encode(
-            x - self.b_pre, self.W_enc, self.b_enc, cfg.encode_k, dead if k_aux else None, k_aux, self.batch_select,
-            ctx.selection)
+        k_aux = min(cfg.resolved_k_aux, ctx.dead_count()) if cfg.aux_coeff > 0 else 0
+        vals, idx, aux_vals, aux_idx = self._select(x, cfg.encode_k, ctx.dead_latents, k_aux, ctx.selection)
         terms: dict[str, torch.Tensor] = {}
         loss, code, x_hat, decoded = self.reconstruction_loss(x, SparseCode(idx, vals), ctx, terms)
         if k_aux:
             e = (x - x_hat).detach()
-            e_hat = sparse_decode(aux_idx, aux_vals, self.W_dec)
-            variance = (e - e.mean(dim=0)).pow(2).sum()
+            e_hat = self.mesh.sum_shards(sparse_decode(aux_idx, aux_vals, self.W_dec))
+            variance = ctx.batch_variance(e)
             aux = torch.where(variance > 0, (e - e_hat).pow(2).sum() / variance.clamp_min(1e-30), 0.0)
             terms["aux_loss"] = aux.detach()
             loss = loss + cfg.aux_coeff * aux

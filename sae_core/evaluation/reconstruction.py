@@ -31,10 +31,11 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096,
              encode: Callable[[torch.Tensor], tuple[Code, TokenStats | None]] | None = None) -> Evaluation:
-    """encode: replaces `sae.encode_code` (e.g. a test-time TopK(k') through `sae.encode_with`)."""
+    """encode: replaces `sae.encode_code` (e.g. a test-time TopK(k') through `sae.encode_with`).
+    A sharded SAE is evaluated by all its shards together; each gets the whole evaluation."""
     encode = encode or sae.encode_code
-    device = sae.arch.W_dec.device
-    n = sae.cfg.n_latents
+    device, mesh = sae.arch.W_dec.device, sae.arch.mesh
+    n = sae.arch.n_local
     mean = x.to(torch.float64).mean(dim=0).to(device)
     sq_err = total_var = l1 = 0.0
     counts = torch.zeros(n, dtype=torch.float64, device=device)
@@ -55,6 +56,8 @@ def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096,
             sums += code.double().sum(dim=0)
             l1 += float(code.abs().double().sum())
     N, d = x.shape
+    counts, sums = mesh.gather_shards(counts, dim=0), mesh.gather_shards(sums, dim=0)
+    l1 = float(mesh.reduce_(torch.tensor([l1], dtype=torch.float64), "shards"))
     metrics = {
         "nmse": sq_err / total_var if total_var > 0 else float("nan"),
         "mse": sq_err / (N * d),
