@@ -19,6 +19,7 @@ from sae_core.architectures import parse_sae_config
 from sae_core.architectures.base import registry
 from sae_core.config import parse_train_config, with_family_defaults
 from sae_core.errors import ConfigError
+from sae_core.trainer import layout_problems
 from orchestrator.spec import SPECIAL_AXES, SweepSpec, sae_keys, train_keys
 
 
@@ -93,6 +94,11 @@ def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str 
                                              registry()[arch].train_defaults)
         except ConfigError as err:
             raise ConfigError(f"{err} (at {where})") from None
+        problems = layout_problems(sae_cfg, train_cfg, *spec.resources.layout)
+        if problems:
+            shards, replicas = spec.resources.layout
+            raise ConfigError("\n".join(f"{source}: {p} (resources: shards {shards}, replicas {replicas}; at {where})"
+                                         for p in problems))
         train_dump = train_cfg.model_dump(mode="json")
         stream = _hash({**identity, "batch_size": train_cfg.batch_size, "train_tokens": train_cfg.train_tokens})
         for layer in layers:

@@ -1,4 +1,5 @@
-"""Running a sweep: validate, plan, build the activation cache once, then train the packs as Ray tasks.
+"""Running a sweep: validate, plan, build the activation cache once, then train the packs as Ray tasks
+(or, for runs trained by several processes, one group per run: orchestrator/group.py).
 
 One plain Ray task per pack (not Tune: ~0.1 s per task against ~2.5 s per trial here, and the results
 are ours to lay out), `max_retries` = the spec's retries so a dead worker or node re-runs the pack from its
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
+from orchestrator.group import process_options, train_group
 from orchestrator.plan import RunPlan, pack_runs, plan_runs
 from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.store import DONE, ResultsStore
@@ -115,26 +117,28 @@ def connect(address: str | None):
     return ray
 
 
-def task_resources(ray, spec: SweepSpec) -> dict:
-    """Ray options of one pack, checked against the live nodes: a demand no node can meet is an error now,
-    not a task pending forever."""
+def process_resources(ray, spec: SweepSpec) -> dict:
+    """Ray resources of one training process, checked against the live nodes: a demand no node can meet (or a
+    group of processes the whole cluster cannot hold at once) is an error now, not a task pending forever."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     res = spec.resources
-    gpus = (1.0 if any(n.get("GPU", 0) >= 1 for n in nodes) else 0.0) if res.gpus == "auto" else float(res.gpus)
-    need = {"CPU": res.cpus, "GPU": gpus, **res.custom}
+    shards, replicas = res.layout
+    need = {"CPU": res.cpus, "GPU": res.per_process_gpus(any(n.get("GPU", 0) >= 1 for n in nodes)), **res.custom}
     if res.memory_gb:
         need["memory"] = res.memory_gb * 2**30
-    if not any(all(n.get(k, 0) >= v for k, v in need.items() if v) for n in nodes):
-        offers = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(n.items()) if k in need) or "nothing" for n in nodes)
-        raise ConfigError(f"resources: a run needs {', '.join(f'{k} {v:g}' for k, v in need.items() if v)}, "
-                          f"which no node of the cluster offers (nodes: {offers}); lower resources.* "
-                          "(gpus: auto runs on CPU where there is no GPU)")
-    opts = {"num_cpus": res.cpus, "num_gpus": gpus, "max_retries": spec.retries}
-    if res.custom:
-        opts["resources"] = dict(res.custom)
-    if res.memory_gb:
-        opts["memory"] = need["memory"]
-    return opts
+    need = {k: v for k, v in need.items() if v}
+    holds = [min(int(n.get(k, 0) / v + 1e-9) for k, v in need.items()) for n in nodes]
+    offers = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(n.items()) if k in need) or "nothing" for n in nodes)
+    if not any(holds):
+        raise ConfigError(f"resources: a run needs {', '.join(f'{k} {v:g}' for k, v in need.items())}"
+                          f"{' per process' if shards * replicas > 1 else ''}, which no node of the cluster offers "
+                          f"(nodes: {offers}); lower resources.* (gpus: auto runs on CPU where there is no GPU)")
+    if sum(holds) < shards * replicas:
+        raise ConfigError(f"resources: a run needs shards x replicas = {shards * replicas} processes of "
+                          f"{', '.join(f'{k} {v:g}' for k, v in need.items())} at once; the cluster holds "
+                          f"{sum(holds)} (nodes: {offers}); lower resources.shards, replicas or the per-process "
+                          "resources")
+    return need
 
 
 class Progress:
@@ -175,7 +179,7 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
     done = store.done()
     todo = [r for r in sweep.runs if r.run_id not in done]
     ray = connect(address)
-    options = task_resources(ray, sweep.spec)
+    need = process_resources(ray, sweep.spec)
     store.save_spec(sweep.text)
     store.save_plan([{"run_id": r.run_id, "arch": r.arch, "layer": r.layer, "axes": r.axes} for r in sweep.runs])
     echo(f"sweep {sweep.spec.name}: {len(sweep.runs)} runs, {len(done)} already done -> {store.dir}")
@@ -185,11 +189,22 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
     dashboard = getattr(ray.get_runtime_context(), "dashboard_url", None) or ""
     if dashboard:
         echo(f"Ray dashboard: http://{dashboard}")
-    remote = ray.remote(train_pack).options(**options)
     spec_data = sweep.spec.model_dump(mode="json", exclude_unset=True)
     threads = max(1, int(sweep.spec.resources.cpus))
-    memory = sweep.spec.resources.memory_gb * 2**30 if sweep.spec.resources.memory_gb else None
-    packs = pack_runs(todo, sweep.spec.pack_size, memory)
+    shards, replicas = sweep.spec.resources.layout
+    root, cache = str(store.dir.parent), str(default_cache_root())
+    if shards * replicas > 1:  # each run is a group of processes: no packs (orchestrator/group.py)
+        packs = [[run] for run in todo]
+        group = ray.remote(train_group).options(num_cpus=0, max_retries=sweep.spec.retries)
+
+        def submit(pack):
+            return group.remote(spec_data, asdict(pack[0]), root, cache, threads, need, sweep.spec.retries)
+    else:
+        packs = pack_runs(todo, sweep.spec.pack_size, need.get("memory"))
+        remote = ray.remote(train_pack).options(**process_options(need), max_retries=sweep.spec.retries)
+
+        def submit(pack):
+            return remote.remote(spec_data, [asdict(r) for r in pack], root, cache, threads)
     waiting = list(packs)
     in_flight: dict = {}
     statuses: dict[str, str] = {}
@@ -199,9 +214,7 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
         while waiting or in_flight:
             while waiting and len(in_flight) < limit:
                 pack = waiting.pop(0)
-                ref = remote.remote(spec_data, [asdict(r) for r in pack], str(store.dir.parent),
-                                    str(default_cache_root()), threads)
-                in_flight[ref] = pack
+                in_flight[submit(pack)] = pack
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_S)
             for ref in ready:
                 pack = in_flight.pop(ref)

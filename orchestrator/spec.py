@@ -10,7 +10,7 @@
     train: {batch_size: 4096}       # every trainer switch (sae_core.config.TrainConfig)
     overrides: {relu: {lr: 5e-5}}   # per-architecture SAE or train keys
     eval: {downstream_tokens: 65536}
-    resources: {gpus: auto, cpus: 1}
+    resources: {gpus: auto, cpus: 1}  # shards: 8, replicas: 2 train each run on 16 processes
     retries: 2
     pack_size: 8
     cache_root: /shared/cache       # where activation caches live (every node must see it)
@@ -58,10 +58,39 @@ def all_axis_keys() -> list[str]:
 class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    gpus: float | Literal["auto"] = "auto"  # auto: 1 per run where the cluster has GPUs, else CPU-only
-    cpus: float = Field(1, gt=0)  # also caps torch's threads in the run
-    memory_gb: float | None = Field(None, gt=0)  # Ray `memory` per pack
-    custom: dict[str, float] = {}  # custom Ray resources per pack, e.g. {sae_worker: 1} to pick nodes
+    # per run, split evenly over its shards x replicas processes; auto: 1 per process where the cluster has
+    # GPUs, else CPU-only; a fraction < 1 packs several single-process runs on one GPU
+    gpus: float | Literal["auto"] = "auto"
+    cpus: float = Field(1, gt=0)  # per process; also caps torch's threads in it
+    memory_gb: float | None = Field(None, gt=0)  # Ray `memory` per process
+    custom: dict[str, float] = {}  # custom Ray resources per process, e.g. {sae_worker: 1} to pick nodes
+    shards: int | None = Field(None, ge=1)  # latent shards per run; None: gpus / replicas when gpus > 1, else 1
+    replicas: int = Field(1, ge=1)  # data-parallel replicas per run
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(shards, replicas): a run asking for G > 1 GPUs is sharded G / replicas ways unless told otherwise."""
+        if self.shards is not None:
+            return self.shards, self.replicas
+        gpus = 0 if self.gpus == "auto" else self.gpus
+        return max(1, int(gpus) // self.replicas), self.replicas
+
+    @model_validator(mode="after")
+    def _gpus_split_evenly(self):
+        shards, replicas = self.layout
+        world = shards * replicas
+        if self.gpus != "auto" and world > 1 and self.gpus and (self.gpus % world or self.gpus < world):
+            raise ValueError(f"resources.gpus: {self.gpus:g} GPUs cannot be split evenly over shards x replicas = "
+                             f"{shards} x {replicas} = {world} processes; allowed: 0, auto or a multiple of {world}")
+        if self.gpus != "auto" and self.gpus > 1 and self.gpus != int(self.gpus):
+            raise ValueError(f"resources.gpus: {self.gpus:g}; allowed: a fraction <= 1 or a whole number")
+        return self
+
+    def per_process_gpus(self, cluster_has_gpus: bool) -> float:
+        if self.gpus == "auto":
+            return 1.0 if cluster_has_gpus else 0.0
+        shards, replicas = self.layout
+        return float(self.gpus) / (shards * replicas)
 
 
 class SweepSpec(BaseModel):

@@ -4,6 +4,9 @@ each, and write each run's results the moment it is finished.
 The function is plain Python (no Ray in here): the scheduler runs it as a Ray task, tests call it directly.
 A retried pack starts again from the top: finished runs are skipped (their rows exist), interrupted runs
 resume from their checkpoints, and a run another process holds the lock of is left to that process.
+
+A run trained by several processes (resources.shards / replicas) is not packed: `train_rank` is one process
+of its group (orchestrator/group.py starts them); rank 0 reports progress and writes the run's results.
 """
 from __future__ import annotations
 
@@ -25,8 +28,10 @@ from orchestrator.store import ResultsStore
 from sae_core.data import ActivationData
 from sae_core.evaluation.run import RunEvaluation, evaluate_run
 from sae_core.evaluation.downstream import null_downstream
+from sae_core.parallel.launch import init_distributed
+from sae_core.parallel.mesh import build_mesh
 from sae_core.sources.base import ActivationSource
-from sae_core.trainer import RunResult, Trainer
+from sae_core.trainer import RunResult, Trainer, resolve_device
 
 PROGRESS_EVERY_S = 2.0
 LOCK_WAIT_S = 10.0  # how long a pack waits for a run's lock before leaving the run to its holder
@@ -97,17 +102,36 @@ def run_row(spec: SweepSpec, plan: RunPlan, result: RunResult | None, evaluation
     return {**row, **{k: v for k, v in plan.axes.items() if k not in row}}  # every swept key is a column
 
 
-def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root: str | None = None,
-               threads: int | None = None) -> dict[str, str]:
-    """Train and evaluate a pack; returns run_id -> status for the runs this call finished.
-    cache_root: the driver's cache root (activations and token rows), which it has already filled."""
+def _setup(spec_data: dict, results_root: str, cache_root: str | None, threads: int | None):
+    """cache_root: the driver's cache root (activations and token rows), which it has already filled."""
     if cache_root:
         os.environ["SAE_SCALING_CACHE"] = cache_root
-    spec = parse_spec(spec_data)
-    plans = [RunPlan(**r) for r in runs]
-    store = ResultsStore(results_root, spec.name)
     if threads:
         torch.set_num_threads(threads)  # a reused Ray worker keeps the thread count of its first task
+    spec = parse_spec(spec_data)
+    return spec, ResultsStore(results_root, spec.name)
+
+
+def _trainer(spec: SweepSpec, data: ActivationData, stream: SharedStream, store: ResultsStore, plan: RunPlan,
+             **kw) -> Trainer:
+    hook = data.hook_meta()
+    if hook is not None and plan.layer is not None:
+        hook = {**hook, "layers": [plan.layer]}
+    return Trainer(plan.sae, plan.train, stream, store.sae_dir(plan.run_id),
+                   meta={"hook": hook, "run_id": plan.run_id, "sweep": spec.name, "axes": plan.axes}, **kw)
+
+
+def _splicer(spec: SweepSpec, data: ActivationData):
+    """The model and held-out rows for splicing, loaded once per worker when the first run needs them."""
+    return functools.cache(lambda: data.downstream(spec.eval.batch_tokens, spec.eval.downstream_tokens)
+                           if spec.eval.downstream else (None, "eval.downstream is off"))
+
+
+def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root: str | None = None,
+               threads: int | None = None) -> dict[str, str]:
+    """Train and evaluate a pack; returns run_id -> status for the runs this call finished."""
+    spec, store = _setup(spec_data, results_root, cache_root, threads)
+    plans = [RunPlan(**r) for r in runs]
     finished: dict[str, str] = {}
     with ExitStack() as stack:
         done = store.done()
@@ -118,18 +142,12 @@ def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root:
         data = ActivationData(spec.model, spec.hook, spec.data).prepare()
         layer = owned[0].layer
         stream = SharedStream(data.source(layer, seed=spec.data_seed))
-        hook = data.hook_meta()
-        if hook is not None and layer is not None:
-            hook = {**hook, "layers": [layer]}
         active = []
         for plan in owned:
-            trainer = Trainer(plan.sae, plan.train, stream, store.sae_dir(plan.run_id),
-                              meta={"hook": hook, "run_id": plan.run_id, "sweep": spec.name, "axes": plan.axes})
+            trainer = _trainer(spec, data, stream, store, plan)
             active.append(_Active(plan, trainer, trainer.run_steps(), now_utc()))
         results: list[tuple[_Active, RunResult | None, str | None]] = []
-        # the model and held-out rows for splicing, loaded once per pack when the first run needs them
-        splicer = functools.cache(lambda: data.downstream(spec.eval.batch_tokens, spec.eval.downstream_tokens)
-                                  if spec.eval.downstream else (None, "eval.downstream is off"))
+        splicer = _splicer(spec, data)
         last_report = 0.0
         while active:
             for run in list(active):
@@ -149,6 +167,36 @@ def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root:
                 finished[run.plan.run_id] = _finish(spec, data, stream, run, result, error, store, layer, splicer)
             results.clear()
     return finished
+
+
+def train_rank(spec_data: dict, run: dict, results_root: str, cache_root: str | None, threads: int | None,
+               rank: int, shards: int, replicas: int, address: str, port: int) -> dict[str, str]:
+    """One process of a run trained by shards x replicas processes; the caller holds the run's lock.
+    Returns run_id -> status from rank 0, {} from the others."""
+    spec, store = _setup(spec_data, results_root, cache_root, threads)
+    plan = RunPlan(**run)
+    init_distributed(rank, shards * replicas, address, port, resolve_device(plan.train["device"]))
+    try:
+        mesh = build_mesh(shards, replicas)
+        data = ActivationData(spec.model, spec.hook, spec.data).prepare()
+        stream = SharedStream(data.source(plan.layer, seed=spec.data_seed))
+        trainer = _trainer(spec, data, stream, store, plan, mesh=mesh)
+        active = _Active(plan, trainer, trainer.run_steps(), now_utc())
+        last_report = 0.0
+        while True:
+            try:
+                active.tokens = next(active.steps)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            if mesh.leader and time.time() - last_report > PROGRESS_EVERY_S:
+                store.write_progress(plan.run_id, active.tokens, plan.train["train_tokens"], active.started)
+                last_report = time.time()
+        if not mesh.leader:
+            return {}
+        return {plan.run_id: _finish(spec, data, stream, active, result, None, store, plan.layer, _splicer(spec, data))}
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _finish(spec: SweepSpec, data: ActivationData, stream: SharedStream, run: _Active, result: RunResult | None,

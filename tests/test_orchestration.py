@@ -289,8 +289,8 @@ def test_pack_of_four_runs_does_one_model_forward_per_batch(tiny_models, tmp_pat
 
 
 # --- 6. resources no node can give: refused at once, nothing written ---------------------------------------------
-@pytest.mark.parametrize("resources, named", [({"gpus": 2}, "GPU 2"), ({"cpus": 1, "custom": {"no_such_node": 1}},
-                                                                         "no_such_node 1")])
+@pytest.mark.parametrize("resources, named", [({"gpus": 1}, "GPU 1"), ({"gpus": 2}, "GPU 1 per process"),
+                                              ({"cpus": 1, "custom": {"no_such_node": 1}}, "no_such_node 1")])
 def test_unsatisfiable_resources_are_refused_before_any_work(ray_local, tmp_path, resources, named):
     path, results = write_sweep(tmp_path, resources=resources), tmp_path / "results"
     t0 = time.perf_counter()
