@@ -316,7 +316,7 @@ class Trainer:
         if mesh.shards == 1:
             return sae if mesh.leader else None
         latent = set(sae.arch.latent_parameters())
-        state = {k: mesh.gather_shards(v, dim=0) if k in latent else v for k, v in sae.arch.state_dict().items()}
+        state = {k: mesh.gather_to_leader(v) if k in latent else v for k, v in sae.arch.state_dict().items()}
         if not mesh.leader:
             return None
         whole = SAE(self.sae_cfg, init_seed=None).to(self.device)

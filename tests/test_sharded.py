@@ -13,6 +13,7 @@ import torch
 from sae_core.checkpoint import MANIFEST, TrainerState, consolidate
 from sae_core.errors import ConfigError
 from sae_core.loss_scale import unscale_and_update
+from sae_core.optim import row_sparse_parts
 from sae_core.parallel.launch import init_distributed, run_local_group, start_local_group, train_local
 from sae_core.parallel.mesh import Mesh, build_mesh
 from sae_core.sae import SAE
@@ -23,7 +24,7 @@ SOURCE = SyntheticSource(d_in=16, n_features=64, n_eval=512, seed=0)
 # n >> B k with a short dead window: AuxK is active from the third step on, so its sharded path is exercised
 SAE_CFG = {"arch": "topk", "d_in": 16, "n_latents": 256, "k": 2, "k_aux": 8, "normalization": "none"}
 TRAIN = {"train_tokens": 256 * 12, "batch_size": 256, "lr": 1e-3, "init_samples": 512, "dead_window_tokens": 256,
-         "topk_select": "exact", "ema_decay": 0.9, "grad_clip": 1.0}
+         "topk_select": "exact", "ema_decay": 0.9, "grad_clip": 0.05}  # a clip that binds at every step
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -40,6 +41,10 @@ def assert_same_curve(mine: list[dict], theirs: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def single():
+    session = Trainer(SAE_CFG, TRAIN, SOURCE).start()
+    session.step(SOURCE.train_batch(0, TRAIN["batch_size"]))
+    norm = sum(float(row_sparse_parts(p.grad)[1].pow(2).sum()) for p in session.sae.arch.parameters()) ** 0.5
+    assert norm == pytest.approx(TRAIN["grad_clip"], rel=1e-4)  # so the shards' norm must be the global one
     result = Trainer(SAE_CFG, TRAIN, SOURCE).run()
     assert any(row.get("aux_loss", 0) > 0 for row in result.curve) and result.metrics["dead_frac"] > 0
     return result

@@ -72,6 +72,18 @@ class Mesh:
         dist.all_gather(parts, here, group=self.shard_group)
         return torch.cat(parts, dim=dim).to(t.device)
 
+    def gather_to_leader(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Replica 0's shards' tensors concatenated along dim 0 on the leader, None elsewhere: only the leader
+        holds the whole SAE (the other replicas send nothing; they hold the same rows)."""
+        if self.shards == 1:
+            return t if self.leader else None
+        if self.replica != 0:
+            return None
+        here = t.to(self.device).contiguous()
+        parts = [torch.empty_like(here) for _ in range(self.shards)] if self.leader else None
+        dist.gather(here, parts, dst=0, group=self.shard_group)
+        return torch.cat(parts).to(t.device) if self.leader else None
+
     def reduce_(self, t: torch.Tensor, over: str, op: str = "sum") -> torch.Tensor:
         """In-place all-reduce over "shards", "replicas" or "world"; op: sum, mean, min or max."""
         size = {"shards": self.shards, "replicas": self.replicas, "world": self.world}[over]
