@@ -74,8 +74,12 @@ def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:
         echo(f"{run.run_id:16}  {run.arch:10} {layer!s:>5} {run.n_latents:>9} {run.sae.get('k', '-')!s:>5} "
              f"{run.sae.get('l1_coeff', '-')!s:>9} {lr if isinstance(lr, str) else f'{lr:.2e}':>8} "
              f"{run.train['seed']:>4} {run.train['train_tokens']:>12,} {_fmt_flops(flops):>10}  {state}")
-    packs = pack_runs([r for r in sweep.runs if r.run_id not in done], sweep.spec.pack_size)
-    echo(f"{len(sweep.runs)} runs ({len(done)} done), {len(packs)} packs to train; SAE training compute "
+    shards, replicas = sweep.spec.resources.layout
+    if shards * replicas > 1:
+        units = f"{len(sweep.runs) - len(done)} runs to train, each on {shards} shards x {replicas} replicas"
+    else:
+        units = f"{len(pack_runs([r for r in sweep.runs if r.run_id not in done], sweep.spec.pack_size))} packs to train"
+    echo(f"{len(sweep.runs)} runs ({len(done)} done), {units}; SAE training compute "
          f"{_fmt_flops(total_flops)} FLOPs in all, {_fmt_flops(todo_flops)} to do (formula: README, Compute accounting)")
     act = sweep.data.activation_flops()
     if act is not None:
