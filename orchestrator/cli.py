@@ -69,7 +69,7 @@ def _figures(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from sae_core.export import export
+    from sae_core.formats import export
 
     print(export(args.run_dir, args.format, args.out))
     return 0

@@ -163,7 +163,8 @@ class ActivationData:
         """What an SAE trained on these activations reads, saved with it so evaluation can check the match."""
         if not self.data.has_model:
             return None
-        return {"model": self.model_name, "site": self.hook.site, "layers": list(self.layers)}
+        return {"model": self.model_name, "site": self.hook.site, "layers": list(self.layers),
+                "context_length": self.data.context_length}
 
     def _synthetic(self, seed: int | None = None) -> SyntheticSource:
         settings = {**self.data.synthetic, "n_eval": self.data.eval_tokens}

@@ -1,6 +1,6 @@
 """The SAE a user loads: one architecture plus its input normalisation, saved as safetensors + JSON.
 
-    sae = SAE.load("results/my-sweep/saes/<run_id>")
+    sae = SAE.load("results/my-sweep/saes/<run_id>")   # or a SAELens v6 / sparsify folder
     z = sae.encode(x)            # dense latents [B, n_latents]
     x_hat = sae.decode(z)        # in the SAE's (normalised) input space
     x_hat = sae.reconstruct(x)   # in the original activation space
@@ -84,9 +84,17 @@ class SAE(nn.Module):
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SAE":
         path = Path(path)
         cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-        for p in (cfg_path, weights):
-            if not p.is_file():
-                raise DataError(f"{p}: not found; an SAE folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+        if not cfg_path.is_file():  # a peer's folder? (sae_core/formats)
+            from sae_core.formats import load_foreign
+
+            foreign = load_foreign(path, device) if path.is_dir() else None
+            if foreign is not None:
+                return foreign
+            raise DataError(f"{path}: no SAE here; expected this toolkit's folder ({CONFIG_FILE} + {WEIGHTS_FILE}), "
+                            "a SAELens v6 folder (cfg.json + sae_weights.safetensors) or a sparsify folder "
+                            "(cfg.json + sae.safetensors)")
+        if not weights.is_file():
+            raise DataError(f"{weights}: not found; an SAE folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
         saved = json.loads(cfg_path.read_text())
         sae = cls(parse_sae_config(saved.pop("sae"), source=str(cfg_path), prefix="sae"), meta=saved, init_seed=None)
         sae.arch.load_state_dict(load_file(weights, device=str(device)))

@@ -216,7 +216,8 @@ def test_activation_data_splices_the_held_out_rows(tiny_models, tmp_path):
                                      eval_tokens=100, cache_dtype="float32"), tmp_path / "cache").prepare()
     ev, reason = data.downstream(max_tokens=60)
     assert reason is None and 60 <= ev.n_tokens < 60 + 16
-    assert data.hook_meta() == {"model": str(tiny_models["gpt2"]), "site": "resid_post", "layers": [1]}
+    assert data.hook_meta() == {"model": str(tiny_models["gpt2"]), "site": "resid_post", "layers": [1],
+                                "context_length": 16}
     spliced_rows = ActivationExtractor(ev.lm.model, "resid_post", [1])(ev.tokens)[0][ev.positions]
     held_out_set = data.source(1).eval_set()
     assert torch.allclose(spliced_rows, held_out_set[: len(spliced_rows)], atol=1e-5)
