@@ -27,6 +27,7 @@ from sae_core.data import ActivationData
 from sae_core.errors import ConfigError, SAEScalingError
 from sae_core.evaluation.downstream import null_downstream
 from sae_core.text import cache_root as default_cache_root
+from sae_core.tracking import check_installed
 
 POLL_S = 1.0
 
@@ -43,6 +44,10 @@ class Sweep:
 def plan_sweep(path: str | Path, results: str | Path = "results") -> Sweep:
     """Everything that can be wrong with the sweep is found here, before any work or output."""
     spec = load_spec(path)
+    try:
+        check_installed(spec.trackers)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     if spec.cache_root:
         os.environ["SAE_SCALING_CACHE"] = str(Path(spec.cache_root).expanduser().resolve())
     try:

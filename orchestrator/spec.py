@@ -10,6 +10,7 @@
     train: {batch_size: 4096}       # every trainer switch (sae_core.config.TrainConfig)
     overrides: {relu: {lr: 5e-5}}   # per-architecture SAE or train keys
     eval: {downstream_tokens: 65536}
+    trackers: {wandb: {project: my-project, mode: offline}, tensorboard: true}
     resources: {gpus: auto, cpus: 1}  # shards: 8, replicas: 2 train each run on 16 processes
     retries: 2
     pack_size: 8
@@ -37,6 +38,7 @@ from sae_core.data import SYNTHETIC_KEYS, DataConfig, HookConfig
 from sae_core.errors import ConfigError, DataError, format_error_entry, merge_union_errors
 from sae_core.evaluation.run import EvalConfig
 from sae_core.sources.files import expand_paths
+from sae_core.tracking import TrackersConfig
 
 SPECIAL_AXES = ("arch", "n_latents", "expansion_factor", "lr", "seed")
 _NOT_IN_TRAIN = {"train_tokens", "lr", "seed"}  # set by data.train_tokens and the grid
@@ -106,6 +108,7 @@ class SweepSpec(BaseModel):
     train: dict[str, Any] = {}
     overrides: dict[str, dict[str, Any]] = {}
     eval: EvalConfig = EvalConfig()
+    trackers: TrackersConfig = TrackersConfig()  # W&B / TensorBoard mirrors of the curves (sae_core/tracking.py)
     resources: Resources = Resources()
     retries: int = Field(2, ge=0)  # re-runs of a pack whose worker or node died (from its checkpoints)
     pack_size: int = Field(8, ge=1)  # runs sharing one activation stream trained together by one worker

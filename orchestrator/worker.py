@@ -31,6 +31,7 @@ from sae_core.evaluation.downstream import null_downstream
 from sae_core.parallel.launch import init_distributed
 from sae_core.parallel.mesh import build_mesh
 from sae_core.sources.base import ActivationSource
+from sae_core.tracking import Trackers
 from sae_core.trainer import RunResult, Trainer, resolve_device
 
 PROGRESS_EVERY_S = 2.0
@@ -72,6 +73,17 @@ class _Active:
     steps: object  # the trainer's run_steps generator
     started: datetime
     tokens: int = 0
+    trackers: Trackers | None = None
+
+
+def _start(spec: SweepSpec, store: ResultsStore, plan: RunPlan, trainer: Trainer, track: bool = True) -> _Active:
+    """A run begun: its step generator, and its trackers (W&B, TensorBoard) if the sweep has any."""
+    trackers = None
+    if track and spec.trackers.any:
+        trackers = Trackers(spec.trackers, store.dir, plan.run_id, spec.name,
+                            {"sae": plan.sae, "train": plan.train, "axes": plan.axes})
+    steps = trainer.run_steps(on_curve=trackers.log if trackers else None)
+    return _Active(plan, trainer, steps, now_utc(), trackers=trackers)
 
 
 def now_utc() -> datetime:
@@ -145,7 +157,7 @@ def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root:
         active = []
         for plan in owned:
             trainer = _trainer(spec, data, stream, store, plan)
-            active.append(_Active(plan, trainer, trainer.run_steps(), now_utc()))
+            active.append(_start(spec, store, plan, trainer))
         results: list[tuple[_Active, RunResult | None, str | None]] = []
         splicer = _splicer(spec, data)
         last_report = 0.0
@@ -181,7 +193,7 @@ def train_rank(spec_data: dict, run: dict, results_root: str, cache_root: str | 
         data = ActivationData(spec.model, spec.hook, spec.data).prepare()
         stream = SharedStream(data.source(plan.layer, seed=spec.data_seed))
         trainer = _trainer(spec, data, stream, store, plan, mesh=mesh)
-        active = _Active(plan, trainer, trainer.run_steps(), now_utc())
+        active = _start(spec, store, plan, trainer, track=mesh.leader)
         last_report = 0.0
         while True:
             try:
@@ -210,4 +222,6 @@ def _finish(spec: SweepSpec, data: ActivationData, stream: SharedStream, run: _A
                                   layer_ids=layer_ids, l0=result.metrics["l0"])
     row = run_row(spec, run.plan, result, evaluation.metrics, run.started, error)
     store.write_run(row, result.curve if result else [], evaluation.layers, evaluation.recovery)
+    if run.trackers is not None:
+        run.trackers.finish({k: v for k, v in row.items() if k not in ("started_at", "finished_at")})
     return row["status"]

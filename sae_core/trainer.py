@@ -239,13 +239,15 @@ class Trainer:
         return TrainingSession(self, sae, opt, st, tsf, ema, base_lr)
 
     def run(self, max_steps: int | None = None,
-            curve_metrics: Callable[[SAE, dict], dict[str, float]] | None = None) -> RunResult:
+            curve_metrics: Callable[[SAE, dict], dict[str, float]] | None = None,
+            on_curve: Callable[[dict], None] | None = None) -> RunResult:
         """Train (resuming from out_dir's checkpoint if there is one) and evaluate.
 
         max_steps stops early with status 'stopped' after writing a checkpoint (time-boxed jobs, tests).
         curve_metrics(sae, row) adds columns to every curve row (e.g. feature recovery on synthetic data).
+        on_curve(row) sees each curve row as it is recorded (trackers: sae_core/tracking.py).
         """
-        steps = self.run_steps(max_steps, curve_metrics)
+        steps = self.run_steps(max_steps, curve_metrics, on_curve)
         while True:
             try:
                 next(steps)
@@ -253,8 +255,8 @@ class Trainer:
                 return done.value
 
     def run_steps(self, max_steps: int | None = None,
-                  curve_metrics: Callable[[SAE, dict], dict[str, float]] | None = None
-                  ) -> Generator[int, None, RunResult]:
+                  curve_metrics: Callable[[SAE, dict], dict[str, float]] | None = None,
+                  on_curve: Callable[[dict], None] | None = None) -> Generator[int, None, RunResult]:
         """`run` one step at a time: yields the token count after each step and returns the RunResult, so
         one worker can train a pack of SAEs in lockstep from one activation stream."""
         cfg = self.cfg
@@ -282,6 +284,8 @@ class Trainer:
                        "step": st.step, "tokens": st.tokens, "flops": st.flops, "nmse": m["nmse"], "l0": m["l0"],
                        "dead_frac": session.dead_frac(), "lr": session.lr}
                 st.curve.append({**row, **(curve_metrics(sae, row) if curve_metrics else {})})
+                if on_curve is not None:
+                    on_curve(st.curve[-1])
             if st.step % every == 0 or st.step == stop_at:
                 session.checkpoint()
             yield st.tokens
