@@ -75,6 +75,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from orchestrator.imported import import_saes
+
+    import_saes(args.sweep, args.folders, args.results)
+    return 0
+
+
 def _schema(args: argparse.Namespace) -> int:
     from orchestrator.spec import json_schema
 
@@ -140,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, help="saelens or sparsify")
     export.add_argument("out", help="output folder")
     export.set_defaults(func=_export)
+
+    imp = sub.add_parser("import", help="evaluate SAEs trained elsewhere (SAELens, sparsify folders) on a sweep's "
+                                        "data and add them to its results")
+    imp.add_argument("sweep", help="sweep YAML whose data and evaluation settings to use")
+    imp.add_argument("folders", nargs="+", help="SAE folders: SAELens v6, sparsify, or this toolkit's")
+    imp.add_argument("--results", default="results", help="results root (default ./results)")
+    imp.set_defaults(func=_import)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the sweep YAML (for editors)")
     schema.set_defaults(func=_schema)

@@ -257,3 +257,40 @@ def test_a_peers_saelens_folder_reads_with_the_peers_own_latents(tmp_path, arch,
     z, recon = saelens_forward(tmp_path, x)
     assert torch.allclose(sae.encode(x).double(), z, rtol=1e-4, atol=1e-5)
     assert torch.allclose(sae.reconstruct(x).double(), recon, rtol=1e-5, atol=1e-4 * SCALE)
+
+
+def test_peer_saes_imported_into_a_sweep_get_rows_figures_and_fits(tmp_path, capsys):
+    """`sae-scaling import`: SAEs in peers' folders evaluated on the sweep's held-out data, with rows like the
+    sweep's own (same nmse as our SAE before export), in the results table, figures and report."""
+    import yaml
+    from analysis.results import load_runs
+    from orchestrator.scheduler import plan_sweep
+    from sae_core.evaluation.reconstruction import evaluate
+
+    spec = {"name": "imp", "data": {"synthetic": {"d_in": D, "n_features": 64, "active_per_vector": 4},
+                                    "train_tokens": 4096, "eval_tokens": 1024},
+            "grid": {"arch": ["topk"], "n_latents": [32], "k": [4]}, "train": {"batch_size": 256, "init_samples": 256}}
+    path = tmp_path / "imp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    eval_x = plan_sweep(path, tmp_path / "results").data.source(None).eval_set()
+    folders, want = [], {}
+    for n, fmt in ((32, "sparsify"), (64, "saelens")):
+        sae = SAE({"arch": "topk", "d_in": D, "n_latents": n, "k": 4, "normalization": "none"}, init_seed=n)
+        sae.save(tmp_path / f"ours{n}")
+        folders.append(str(export(tmp_path / f"ours{n}", fmt, tmp_path / f"{fmt}{n}")))
+        want[n] = evaluate(sae, eval_x).metrics["nmse"]
+    assert main(["import", str(path), *folders, "--results", str(tmp_path / "results")]) == 0
+    runs = load_runs(tmp_path / "results" / "imp").set_index("n_latents")
+    assert set(runs["imported"]) == {"sparsify", "saelens"} and (runs["status"] == "ok").all()
+    for n in (32, 64):
+        assert runs.loc[n, "nmse"] == pytest.approx(want[n], rel=1e-5)
+        assert runs.loc[n, "run_id"].startswith("import-") and runs.loc[n, "k"] == 4
+    assert main(["import", str(path), folders[0], "--results", str(tmp_path / "results")]) == 0  # idempotent
+    assert len(load_runs(tmp_path / "results" / "imp")) == 2
+    assert main(["figures", str(tmp_path / "results" / "imp")]) == 0
+    assert main(["fit", str(tmp_path / "results" / "imp")]) in (0, 1)  # 2 widths: too few for a law, no crash
+    assert (tmp_path / "results" / "imp" / "figures" / "nmse_vs_n.png").is_file()
+    with pytest.raises(DataError, match="16-dimensional"):
+        from orchestrator.imported import import_saes
+        SAE({"arch": "topk", "d_in": 16, "n_latents": 32, "k": 4}).save(tmp_path / "wide")
+        import_saes(path, [tmp_path / "wide"], tmp_path / "results", echo=lambda _: None)
