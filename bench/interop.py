@@ -139,7 +139,8 @@ def worker() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cases = [("saelens", a, n) for a in ("topk", "multi_topk", "relu", "jumprelu", "batchtopk", "gated")
-                 for n in ("none", "unit_norm", "standardize")] + [("sparsify", a, "none") for a in ("topk", "multi_topk")]
+                 for n in ("none", "unit_norm", "standardize")]
+        cases += [("sparsify", a, "none") for a in ("topk", "multi_topk")]
         for fmt, arch, norm in cases:
             r = ours_to_peer(fmt, arch, norm, tmp, x)
             print(f"| ours → {fmt} | {fmt} | {arch} | {norm} | {r['latents']:.2e} | {r['latent_max']:.3g} | "

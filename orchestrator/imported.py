@@ -15,7 +15,7 @@ from typing import Callable
 
 from orchestrator.plan import RunPlan
 from orchestrator.scheduler import plan_sweep
-from orchestrator.worker import SharedStream, _Active, _finish, _splicer, now_utc
+from orchestrator.worker import SharedStream, ActiveRun, finish_run, splicer_of, now_utc
 from sae_core.errors import DataError
 from sae_core.evaluation.reconstruction import evaluate
 from sae_core.sae import SAE
@@ -51,7 +51,7 @@ def import_saes(sweep_path: str | Path, folders: list[str | Path], results: str 
     data.prepare(echo)
     if not (store.dir / "sweep.yaml").is_file():  # importing into a sweep not run yet
         store.save_spec(sweep.text)
-    splicer = _splicer(spec, data)
+    splicer = splicer_of(spec, data)
     run_ids = []
     for folder, sae, layer in saes:
         source = (sae.meta.get("imported_from") or {}).get("format", "sae-scaling")
@@ -65,7 +65,7 @@ def import_saes(sweep_path: str | Path, folders: list[str | Path], results: str 
         ev = evaluate(sae, stream.eval_set())
         result = RunResult(status="ok", error=None, metrics=ev.metrics, curve=[], steps=None, tokens=None,
                            flops=None, lr=None, wall_seconds=None, device=str(sae.arch.W_dec.device), sae=sae)
-        _finish(spec, data, stream, _Active(plan, None, None, started), result, None, store, layer, splicer)
+        finish_run(spec, data, stream, ActiveRun(plan, None, None, started), result, None, store, layer, splicer)
         echo(f"{folder} ({source} {sae.cfg.arch}, n {sae.cfg.n_latents}): {plan.run_id}, "
              f"nmse {ev.metrics['nmse']:.4g}, l0 {ev.metrics['l0']:.3g}")
         run_ids.append(plan.run_id)

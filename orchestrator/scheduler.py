@@ -83,7 +83,8 @@ def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:
     if shards * replicas > 1:
         units = f"{len(sweep.runs) - len(done)} runs to train, each on {shards} shards x {replicas} replicas"
     else:
-        units = f"{len(pack_runs([r for r in sweep.runs if r.run_id not in done], sweep.spec.pack_size))} packs to train"
+        packs = pack_runs([r for r in sweep.runs if r.run_id not in done], sweep.spec.pack_size)
+        units = f"{len(packs)} packs to train"
     echo(f"{len(sweep.runs)} runs ({len(done)} done), {units}; SAE training compute "
          f"{_fmt_flops(total_flops)} FLOPs in all, {_fmt_flops(todo_flops)} to do (formula: README, Compute accounting)")
     act = sweep.data.activation_flops()

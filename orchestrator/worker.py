@@ -67,7 +67,7 @@ class SharedStream(ActivationSource):
 
 
 @dataclass
-class _Active:
+class ActiveRun:
     plan: RunPlan
     trainer: Trainer
     steps: object  # the trainer's run_steps generator
@@ -76,14 +76,14 @@ class _Active:
     trackers: Trackers | None = None
 
 
-def _start(spec: SweepSpec, store: ResultsStore, plan: RunPlan, trainer: Trainer, track: bool = True) -> _Active:
+def _start(spec: SweepSpec, store: ResultsStore, plan: RunPlan, trainer: Trainer, track: bool = True) -> ActiveRun:
     """A run begun: its step generator, and its trackers (W&B, TensorBoard) if the sweep has any."""
     trackers = None
     if track and spec.trackers.any:
         trackers = Trackers(spec.trackers, store.dir, plan.run_id, spec.name,
                             {"sae": plan.sae, "train": plan.train, "axes": plan.axes})
     steps = trainer.run_steps(on_curve=trackers.log if trackers else None)
-    return _Active(plan, trainer, steps, now_utc(), trackers=trackers)
+    return ActiveRun(plan, trainer, steps, now_utc(), trackers=trackers)
 
 
 def now_utc() -> datetime:
@@ -133,7 +133,7 @@ def _trainer(spec: SweepSpec, data: ActivationData, stream: SharedStream, store:
                    meta={"hook": hook, "run_id": plan.run_id, "sweep": spec.name, "axes": plan.axes}, **kw)
 
 
-def _splicer(spec: SweepSpec, data: ActivationData):
+def splicer_of(spec: SweepSpec, data: ActivationData):
     """The model and held-out rows for splicing, loaded once per worker when the first run needs them."""
     return functools.cache(lambda: data.downstream(spec.eval.batch_tokens, spec.eval.downstream_tokens)
                            if spec.eval.downstream else (None, "eval.downstream is off"))
@@ -158,8 +158,8 @@ def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root:
         for plan in owned:
             trainer = _trainer(spec, data, stream, store, plan)
             active.append(_start(spec, store, plan, trainer))
-        results: list[tuple[_Active, RunResult | None, str | None]] = []
-        splicer = _splicer(spec, data)
+        results: list[tuple[ActiveRun, RunResult | None, str | None]] = []
+        splicer = splicer_of(spec, data)
         last_report = 0.0
         while active:
             for run in list(active):
@@ -176,7 +176,7 @@ def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root:
                     store.write_progress(run.plan.run_id, run.tokens, run.plan.train["train_tokens"], run.started)
                 last_report = time.time()
             for run, result, error in results:
-                finished[run.plan.run_id] = _finish(spec, data, stream, run, result, error, store, layer, splicer)
+                finished[run.plan.run_id] = finish_run(spec, data, stream, run, result, error, store, layer, splicer)
             results.clear()
     return finished
 
@@ -206,12 +206,13 @@ def train_rank(spec_data: dict, run: dict, results_root: str, cache_root: str | 
                 last_report = time.time()
         if not mesh.leader:
             return {}
-        return {plan.run_id: _finish(spec, data, stream, active, result, None, store, plan.layer, _splicer(spec, data))}
+        status = finish_run(spec, data, stream, active, result, None, store, plan.layer, splicer_of(spec, data))
+        return {plan.run_id: status}
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _finish(spec: SweepSpec, data: ActivationData, stream: SharedStream, run: _Active, result: RunResult | None,
+def finish_run(spec: SweepSpec, data: ActivationData, stream: SharedStream, run: ActiveRun, result: RunResult | None,
             error: str | None, store: ResultsStore, layer: int | None, splicer) -> str:
     evaluation = RunEvaluation(null_downstream("run failed" if result is None else f"run {result.status}"))
     if result is not None and result.status == "ok":

@@ -240,8 +240,8 @@ def test_a_peers_saelens_folder_reads_with_the_peers_own_latents(tmp_path, arch,
     g = torch.Generator().manual_seed(7)
     w = {"W_enc": torch.randn(D, N, generator=g) / D**0.5, "W_dec": torch.randn(N, D, generator=g) / D**0.5,
          "b_dec": torch.randn(D, generator=g)}
-    w.update({"b_gate": 0.1 * torch.randn(N, generator=g), "b_mag": 0.1 * torch.randn(N, generator=g),
-              "r_mag": 0.1 * torch.randn(N, generator=g)} if arch == "gated" else {"b_enc": 0.1 * torch.randn(N, generator=g)})
+    per_latent = ("b_gate", "b_mag", "r_mag") if arch == "gated" else ("b_enc",)
+    w.update({name: 0.1 * torch.randn(N, generator=g) for name in per_latent})
     if arch == "jumprelu":
         w["threshold"] = 0.05 * torch.rand(N, generator=g)
     cfg = {"architecture": arch, "d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu",

@@ -24,8 +24,9 @@ def test_trackers_see_every_curve_row_and_the_final_metrics(tmp_path, monkeypatc
     monkeypatch.setenv("WANDB_SILENT", "true")
     trackers = Trackers(TrackersConfig(wandb={"mode": "offline", "project": "p"}, tensorboard=True), tmp_path,
                         "run1", "sweep", {"k": 4})
-    result = Trainer({"arch": "topk", "d_in": 16, "n_latents": 64, "k": 4},
-                     {"train_tokens": 256 * 10, "batch_size": 256, "init_samples": 512}, SOURCE).run(on_curve=trackers.log)
+    trainer = Trainer({"arch": "topk", "d_in": 16, "n_latents": 64, "k": 4},
+                      {"train_tokens": 256 * 10, "batch_size": 256, "init_samples": 512}, SOURCE)
+    result = trainer.run(on_curve=trackers.log)
     trackers.finish(result.metrics)
     events = EventAccumulator(str(tmp_path / "tensorboard" / "run1"))
     events.Reload()

@@ -31,9 +31,10 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> Path:
         raise DataError(f"{run_dir}: no such run folder; expected results/<sweep>/saes/<run_id> or a folder "
                         f"SAE.save wrote")
     if not (run_dir / WEIGHTS_FILE).is_file():
-        unfinished = (run_dir / "trainer_state.json").is_file()
-        raise DataError(f"{run_dir}: {'the run has not finished (only its checkpoint is there)' if unfinished else 'no SAE here'}"
-                        f"; export needs {WEIGHTS_FILE} and {CONFIG_FILE}, which a run writes when it ends ok")
+        why = ("the run has not finished (only its checkpoint is there)" if (run_dir / "trainer_state.json").is_file()
+               else "no SAE here")
+        raise DataError(f"{run_dir}: {why}; export needs {WEIGHTS_FILE} and {CONFIG_FILE}, which a run writes when "
+                        "it ends ok")
     try:
         return FORMATS[fmt].export(SAE.load(run_dir), Path(out), run_dir)
     except DataError as err:

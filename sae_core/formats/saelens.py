@@ -152,7 +152,8 @@ def load(path: Path):
     if arch not in _FROM_SAELENS:
         problems.append(f"architecture {arch!r}; readable: {', '.join(_FROM_SAELENS)}")
     if norm not in ("none", "layer_norm"):
-        problems.append(f"normalize_activations {norm!r} (it needs the training data's norm); readable: none, layer_norm")
+        problems.append(f"normalize_activations {norm!r} (it needs the training data's norm); "
+                        "readable: none, layer_norm")
     if cfg.get("reshape_activations", "none") != "none":
         problems.append(f"reshape_activations {cfg['reshape_activations']!r}; readable: none")
     if cfg.get("rescale_acts_by_decoder_norm"):
