@@ -112,7 +112,14 @@ def train_group(spec_data: dict, run: dict, results_root: str, cache_root: str |
     with store.lock(plan.run_id, LOCK_WAIT_S) as owned:
         if not owned or plan.run_id in store.done():
             return {}
-        group = placement_group([bundle] * world, strategy="PACK")
+        # A coordinator that died (its node lost) leaves its group and ranks behind, holding resources and writing
+        # this run's checkpoints: removing the named group kills them before a new one starts.
+        name = f"sae-scaling/{spec.name}/{plan.run_id}"
+        try:
+            remove_placement_group(ray.util.get_placement_group(name))
+        except ValueError:  # none left behind
+            pass
+        group = placement_group([bundle] * world, strategy="PACK", name=name)
         try:
             ray.get(group.ready())
             for attempt in range(retries + 1):

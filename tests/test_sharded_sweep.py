@@ -92,3 +92,17 @@ def test_group_larger_than_the_cluster_is_refused_before_anything_runs(ray_local
     with pytest.raises(ConfigError, match="shards x replicas = 4 processes .* the cluster holds 2"):
         run_sweep(path, tmp_path / "results", echo=lambda _: None)
     assert not list((tmp_path / "results").glob("t/runs/*"))
+
+
+def test_a_group_left_behind_by_a_dead_coordinator_is_removed_first(ray_local, tmp_path):
+    """A coordinator whose node died leaves its placement group (and ranks) holding the cluster: the next
+    attempt removes it by name instead of waiting behind it forever."""
+    from ray.util.placement_group import placement_group
+
+    path, results = sharded(tmp_path, "two", 2, train_tokens=8 * BATCH)
+    (rid,) = planned_ids(path, results)
+    stale = placement_group([{"CPU": 1}] * 2, name=f"sae-scaling/t/{rid}")
+    ray_local.get(stale.ready(), timeout=30)  # the whole 2-CPU cluster
+    rc, thread = sweep(path, results, timeout=120)
+    assert rc == 0, thread.lines
+    assert_each_run_once_and_ok(results / "t", {rid}, 8 * BATCH)
