@@ -50,13 +50,15 @@ def single():
     return result
 
 
-@pytest.mark.parametrize("shards, world, select", [(2, 2, "exact"), (1, 2, "exact"), (2, 4, "bf16")],
-                         ids=["S2", "R2", "S2xR2-bf16"])
-def test_group_trains_the_single_process_sae(single, shards, world, select):
+@pytest.mark.parametrize("shards, world, select, arch", [(2, 2, "exact", "topk"), (1, 2, "exact", "topk"),
+                                                         (2, 4, "bf16", "topk"), (2, 2, "exact", "multi_topk")],
+                         ids=["S2", "R2", "S2xR2-bf16", "S2-multi_topk"])
+def test_group_trains_the_single_process_sae(single, shards, world, select, arch):
     """S = 2 splits the latents, R = 2 halves each replica's rows of the same global batch: either way the
     SAE, its metrics, curve and compute equal the single process's."""
-    ref = single if select == "exact" else Trainer(SAE_CFG, {**TRAIN, "topk_select": select}, SOURCE).run()
-    out = run_local_group(train_local, world, (shards, SAE_CFG, {**TRAIN, "topk_select": select}, SOURCE))
+    sae_cfg, train = {**SAE_CFG, "arch": arch}, {**TRAIN, "topk_select": select}
+    ref = single if (select, arch) == ("exact", "topk") else Trainer(sae_cfg, train, SOURCE).run()
+    out = run_local_group(train_local, world, (shards, sae_cfg, train, SOURCE))
     assert out[0]["weights"] is not None and all(o["weights"] is None for o in out[1:])
     assert max_diff(out[0]["weights"], ref.sae.arch.state_dict()) < 1e-5
     for o in out:  # every rank reports the whole run's figures
@@ -161,7 +163,8 @@ def test_sharded_checkpoint_consolidates_and_resumes_in_one_process(tmp_path, si
 
 
 @pytest.mark.parametrize("sae, train, mesh, message", [
-    ({"arch": "relu"}, {}, Mesh(shards=2), "relu cannot be sharded over latents; allowed with shards > 1: topk"),
+    ({"arch": "relu"}, {}, Mesh(shards=2), "relu cannot be sharded over latents; allowed with shards > 1: "
+                                           "multi_topk, topk"),
     ({"n_latents": 250}, {}, Mesh(shards=4), "shards: 4 does not divide n_latents (250)"),
     ({}, {"batch_size": 255}, Mesh(replicas=2), "train.batch_size: 255 is not a multiple of replicas (2)"),
     ({}, {"resample_dead": 2}, Mesh(shards=2), "train.resample_dead: resampling is not sharded"),

@@ -13,6 +13,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from sae_core.architectures.base import SparseCode, StepContext, fvu_loss, register
 from sae_core.architectures.topk import TopK, TopKConfig
+from sae_core.parallel.sharded_topk import keep_global_topk
 
 
 class MultiTopKConfig(TopKConfig):
@@ -38,13 +39,16 @@ class MultiTopKConfig(TopKConfig):
 class MultiTopK(TopK):
     name = "multi_topk"
     Config = MultiTopKConfig
-    shardable = False  # its TopK(k) is the prefix of one shard's sorted code, not of the global one
+    shardable = True
 
     def reconstruction_loss(self, x, code: SparseCode, ctx: StepContext, terms: dict):
         k = self.cfg.k
-        top_k = SparseCode(code.idx[:, :k], code.vals[:, :k])  # the wide code is sorted: its prefix is TopK(k)
+        if self.mesh.shards == 1:  # the wide code is sorted: its prefix is TopK(k)
+            top_k = SparseCode(code.idx[:, :k], code.vals[:, :k])
+        else:  # the global top k of the global top 4k, among this shard's entries
+            top_k = SparseCode(code.idx, code.vals * keep_global_topk(code.vals, k, self.mesh))
         x_hat = self.decode(top_k)
         main = fvu_loss(x, x_hat, ctx.mse_scale)
         wide = fvu_loss(x, self.decode(code), ctx.mse_scale)
         terms["mse_loss"], terms["multi_mse_loss"] = main.detach(), wide.detach()
-        return main + self.cfg.multi_coeff * wide, top_k, x_hat, [k, code.idx.shape[1]]
+        return main + self.cfg.multi_coeff * wide, top_k, x_hat, [k, self.cfg.encode_k]
