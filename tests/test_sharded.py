@@ -51,11 +51,12 @@ def single():
 
 
 @pytest.mark.parametrize("shards, world, select, arch", [(2, 2, "exact", "topk"), (1, 2, "exact", "topk"),
-                                                         (2, 4, "bf16", "topk"), (2, 2, "exact", "multi_topk")],
-                         ids=["S2", "R2", "S2xR2-bf16", "S2-multi_topk"])
+                                                         (2, 4, "bf16", "topk"), (2, 2, "exact", "multi_topk"),
+                                                         (2, 2, "exact", "batchtopk"), (2, 4, "exact", "batchtopk")],
+                         ids=["S2", "R2", "S2xR2-bf16", "S2-multi_topk", "S2-batchtopk", "S2xR2-batchtopk"])
 def test_group_trains_the_single_process_sae(single, shards, world, select, arch):
     """S = 2 splits the latents, R = 2 halves each replica's rows of the same global batch: either way the
-    SAE, its metrics, curve and compute equal the single process's."""
+    SAE, its metrics, curve and compute equal the single process's (BatchTopK's cut spans shards and replicas)."""
     sae_cfg, train = {**SAE_CFG, "arch": arch}, {**TRAIN, "topk_select": select}
     ref = single if (select, arch) == ("exact", "topk") else Trainer(sae_cfg, train, SOURCE).run()
     out = run_local_group(train_local, world, (shards, sae_cfg, train, SOURCE))
@@ -164,7 +165,7 @@ def test_sharded_checkpoint_consolidates_and_resumes_in_one_process(tmp_path, si
 
 @pytest.mark.parametrize("sae, train, mesh, message", [
     ({"arch": "relu"}, {}, Mesh(shards=2), "relu cannot be sharded over latents; allowed with shards > 1: "
-                                           "multi_topk, topk"),
+                                           "batchtopk, multi_topk, topk"),
     ({"n_latents": 250}, {}, Mesh(shards=4), "shards: 4 does not divide n_latents (250)"),
     ({}, {"batch_size": 255}, Mesh(replicas=2), "train.batch_size: 255 is not a multiple of replicas (2)"),
     ({}, {"resample_dead": 2}, Mesh(shards=2), "train.resample_dead: resampling is not sharded"),

@@ -30,7 +30,7 @@ class BatchTopK(TopK):
     name = "batchtopk"
     Config = BatchTopKConfig
     batch_select = True
-    shardable = False  # the batch's cut would need every shard's whole row of candidates
+    shardable = True
 
     def __init__(self, cfg: BatchTopKConfig, mesh: Mesh = TRIVIAL):
         super().__init__(cfg, mesh)
@@ -47,8 +47,10 @@ class BatchTopK(TopK):
         out = super().loss(x, ctx)
         with torch.no_grad():
             kept = out.code.vals[out.code.vals > 0]
-            if kept.numel():
-                smallest = kept.min()
+            # the smallest kept value of the whole batch over all shards (each takes part, kept or not)
+            smallest = kept.min() if kept.numel() else out.code.vals.new_tensor(float("inf"))
+            smallest = self.mesh.reduce_(smallest.reshape(1), "world", "min")[0]
+            if torch.isfinite(smallest):
                 decay = self.cfg.threshold_decay if float(self.threshold) >= 0 else 0.0
                 self.threshold.copy_(decay * self.threshold + (1 - decay) * smallest)
         out.terms["threshold"] = self.threshold.detach().clone()

@@ -13,6 +13,7 @@ with zero residual variance (one row, or a perfect fit) contributes 0 rather tha
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -69,18 +70,23 @@ class TopK(Architecture):
         return torch.nn.functional.linear(x - self.b_pre, self.W_enc, self.b_enc)
 
     def _select(self, x: torch.Tensor, k: int, dead: torch.Tensor | None = None, k_aux: int = 0,
-                selection: Selection = EXACT):
+                selection: Selection = EXACT, replica_rows: bool = False):
         """(vals, idx) [B, m] of this shard's latents in the global top-k (other entries 0), and the AuxK code
-        (aux_vals, aux_idx) among the dead latents, k_aux of them over all shards. In one process m = k."""
+        (aux_vals, aux_idx) among the dead latents, k_aux of them over all shards. In one process m = k.
+        replica_rows: x is this replica's rows of a global batch (training), whose BatchTopK cut spans all
+        replicas; otherwise every replica holds the same x."""
         mesh = self.mesh
         x = mesh.to_shards(x - self.b_pre)
         here = dead if k_aux and dead is not None and len(dead) else None
         m_aux = min(shard_candidates(k_aux, mesh, self.n_local), len(here)) if here is not None else 0
+        # BatchTopK's cut is made global inside (the batch's k B winners); a per-row top-k here
+        width = k if self.batch_select else shard_candidates(k, mesh, self.n_local)
+        cut_mesh = mesh if replica_rows else dataclasses.replace(mesh, replicas=1, replica=0, replica_group=None)
         vals, idx, aux_vals, aux_idx = topk_encode(
-            x, self.W_enc, self.b_enc, shard_candidates(k, mesh, self.n_local), here, m_aux, self.batch_select,
-            selection)
+            x, self.W_enc, self.b_enc, width, here, m_aux, self.batch_select, selection, cut_mesh)
         if mesh.shards > 1:
-            vals = vals * keep_global_topk(vals, k, mesh)
+            if not self.batch_select:
+                vals = vals * keep_global_topk(vals, k, mesh)
             if k_aux:  # every shard offers the same width; a shard short of dead latents pads with inactive 0s
                 pad = shard_candidates(k_aux, mesh, self.n_local) - aux_vals.shape[1]
                 aux_vals = torch.cat([aux_vals, aux_vals.new_zeros(aux_vals.shape[0], pad)], dim=1)
@@ -114,7 +120,8 @@ class TopK(Architecture):
     def loss(self, x: torch.Tensor, ctx: StepContext) -> LossOutput:
         cfg: TopKConfig = self.cfg
         k_aux = min(cfg.resolved_k_aux, ctx.dead_count()) if cfg.aux_coeff > 0 else 0
-        vals, idx, aux_vals, aux_idx = self._select(x, cfg.encode_k, ctx.dead_latents, k_aux, ctx.selection)
+        vals, idx, aux_vals, aux_idx = self._select(x, cfg.encode_k, ctx.dead_latents, k_aux, ctx.selection,
+                                                    replica_rows=True)
         terms: dict[str, torch.Tensor] = {}
         loss, code, x_hat, decoded = self.reconstruction_loss(x, SparseCode(idx, vals), ctx, terms)
         if k_aux:

@@ -56,7 +56,7 @@ def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096,
             sums += code.double().sum(dim=0)
             l1 += float(code.abs().double().sum())
     N, d = x.shape
-    counts, sums = mesh.gather_shards(counts, dim=0), mesh.gather_shards(sums, dim=0)
+    counts, sums = mesh.gather(counts, dim=0), mesh.gather(sums, dim=0)
     l1 = float(mesh.reduce_(torch.tensor([l1], dtype=torch.float64), "shards"))
     metrics = {
         "nmse": sq_err / total_var if total_var > 0 else float("nan"),

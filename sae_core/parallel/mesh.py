@@ -63,13 +63,15 @@ class Mesh:
         """The input every shard reads (the encoder's); its gradient is the sum of the shards' gradients."""
         return _ToShards.apply(t, self) if self.shards > 1 else t
 
-    def gather_shards(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """The shards' equal-shaped tensors concatenated along dim, shard 0's first (no gradient)."""
-        if self.shards == 1:
+    def gather(self, t: torch.Tensor, over: str = "shards", dim: int = 1) -> torch.Tensor:
+        """The equal-shaped tensors of the ranks "shards" (of this replica) or "world" concatenated along dim,
+        in rank order (no gradient)."""
+        size, group = (self.shards, self.shard_group) if over == "shards" else (self.world, None)
+        if size == 1:
             return t
         here = t.to(self.device).contiguous()
-        parts = [torch.empty_like(here) for _ in range(self.shards)]
-        dist.all_gather(parts, here, group=self.shard_group)
+        parts = [torch.empty_like(here) for _ in range(size)]
+        dist.all_gather(parts, here, group=group)
         return torch.cat(parts, dim=dim).to(t.device)
 
     def gather_to_leader(self, t: torch.Tensor) -> torch.Tensor | None:

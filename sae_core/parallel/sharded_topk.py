@@ -29,7 +29,7 @@ def shard_candidates(k: int, mesh: Mesh, n_local: int) -> int:
 def keep_global_topk(vals: torch.Tensor, k: int, mesh: Mesh) -> torch.Tensor:
     """Mask [B, m] of this shard's candidates `vals` [B, m] (any order, the same m on every shard) that are
     among the top k of all shards' candidates of the row."""
-    gathered = mesh.gather_shards(vals.detach())
+    gathered = mesh.gather(vals.detach())
     m = vals.shape[1]
     winners = gathered.topk(min(k, gathered.shape[1]), dim=1, sorted=False).indices
     mask = torch.zeros(gathered.shape, dtype=torch.bool, device=vals.device).scatter_(1, winners, True)
