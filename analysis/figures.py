@@ -7,8 +7,9 @@ matplotlib Figure, or raises SkipFigure with a one-line reason when the data do 
 
 Conventions shared by every figure:
 - runs with status "ok" only (curves: every run that has a runs row);
-- where a sweep also varies the learning rate, each configuration is shown at its best lr (lowest mean nmse
-  over seeds), as the papers do; seeds are kept as separate points;
+- the runs shown and the laws drawn are those of `sae-scaling fit` (analysis.selection, analysis.sweep_fits):
+  where a sweep also varies the learning rate, each configuration at its best lr (lowest mean nmse over
+  seeds), seeds kept as separate points; every legend's formula is the fit in fits.json;
 - where a sweep reads several sites (hook, layer), a figure that compares widths or architectures shows the
   site with the most runs and says so in its title;
 - series: the TopK family (topk, batchtopk, multi_topk) one per k, the L1 family (relu, gated, prolu) one per
@@ -39,9 +40,12 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from analysis.frontier import lower_envelope  # noqa: E402
-from analysis.fits import convergence, fit_joint, fit_lofn, fit_loc, fit_lr, loc_frontier  # noqa: E402
+from analysis.fits import Fit, loc_frontier  # noqa: E402
 from analysis.results import load_curves, load_layers, load_recovery, load_runs  # noqa: E402
-from analysis.sweep_fits import CURVE_START  # noqa: E402
+from analysis.selection import (SPARSITY_KEYS, best_lr, families, group_label, numeric, plain_value,  # noqa: E402
+                                series, sparsity_key, varying_sites, width_families)
+from analysis.sweep_fits import (CURVE_START, TITLES, find_fit, fit_runs, sweep_fits,  # noqa: E402
+                                 with_convergence)
 from sae_core.errors import DataError  # noqa: E402
 from sae_core.io import write_atomic  # noqa: E402
 
@@ -83,9 +87,7 @@ ARCH_MARKERS = {"topk": "o", "batchtopk": "s", "multi_topk": "D", "relu": "^", "
 ARCH_ORDER = list(ARCH_COLORS)
 OTHER_COLOR = "#7f7f7f"
 TOPK_FAMILY = ("topk", "batchtopk", "multi_topk")
-SPARSITY_KEYS = ("k", "l1_coeff", "target_l0", "l0_coeff")  # the first one a family sets keys its series
 KEY_SYMBOL = {"k": "k", "l1_coeff": "λ", "target_l0": "target L0", "l0_coeff": "λ₀"}
-FAMILY_KEYS = ("arch", "k", "l1_coeff", "layer", "seed")  # as analysis.family: SAEs differing only in width
 THRESHOLD = 0.7  # Leask et al.: a latent of the larger SAE with max cosine below it is novel
 MAX_RECOVERY_RUNS = 6
 MAX_PANELS = 4
@@ -101,7 +103,7 @@ def _figure(fn: Callable) -> Callable:
         try:
             with plt.rc_context(STYLE):
                 fig = fn(*args, **kwargs)
-                _plain_log_ticks(fig)
+                plain_value_log_ticks(fig)
                 return fig
         except BaseException:
             for num in set(plt.get_fignums()) - before:
@@ -117,7 +119,7 @@ class _PlainLogFormatter(ticker.LogFormatter):
         return f"{x:.3g}"
 
 
-def _plain_log_ticks(fig: Figure) -> None:
+def plain_value_log_ticks(fig: Figure) -> None:
     """Base-10 log axes whose range lies within 1e-3..1e4 get plain-number tick labels."""
     for ax in fig.axes:
         if ax.get_label() == "<colorbar>":
@@ -235,20 +237,7 @@ def _n_label(n: float) -> str:
 
 # ---------------------------------------------------------------- selecting rows
 
-def _num(d: pd.DataFrame, c: str) -> pd.Series:
-    """A column as float (NaN where missing or null; NaN everywhere if the column is absent)."""
-    if c not in d:
-        return pd.Series(np.nan, index=d.index, dtype=float)
-    return pd.to_numeric(d[c], errors="coerce").astype(float)
-
-
-def _families(d: pd.DataFrame) -> pd.Series:
-    fam = d["arch"].astype(str) if "arch" in d else pd.Series("sae", index=d.index)
-    if "gradient" in d:  # ProLU-STE and ProLU-ReLU are two families (Gao et al. Fig. 2)
-        g = d["gradient"]
-        prolu = fam.eq("prolu") & g.notna()
-        fam = fam.where(~prolu, "prolu-" + g.astype(str))
-    return fam
+_num = numeric
 
 
 def _runs(runs: pd.DataFrame, need: tuple[str, ...] = ("nmse",),
@@ -270,7 +259,7 @@ def _runs(runs: pd.DataFrame, need: tuple[str, ...] = ("nmse",),
               "downstream_loss", "downstream_kl", *SPARSITY_KEYS, *need):
         if c in d:
             d[c] = _num(d, c)
-    d["family"] = _families(d)
+    d["family"] = families(d)
     positive = need if positive is None else positive
     ok = np.ones(len(d), bool)
     for c in need:
@@ -291,43 +280,27 @@ def _site_key(d: pd.DataFrame) -> tuple[list[str], pd.Series]:
     return keys, pd.Series(list(map(tuple, vals.to_numpy())), index=d.index)
 
 
-def _one_site(d: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The rows of the site (model, hook, layer) with the most runs, and a note for the title when others
-    were left out (comparing widths across layers would compare different activations)."""
+def _one_site(d: pd.DataFrame) -> tuple[pd.DataFrame, str, dict]:
+    """The rows of the site (model, hook, layer) with the most runs, a note for the title when others were
+    left out (comparing widths across layers would compare different activations), and the site as the fits
+    name it in their groups (the site keys that vary in `d`)."""
     keys, site = _site_key(d)
     counts = site.value_counts()
     if len(counts) <= 1:
-        return d, ""
+        return d, "", {}
     best = sorted(counts.index, key=lambda s: (-counts[s], str(s)))[0]
     named = {k: v for k, v in zip(keys, best)}
     where = f"layer {_fmt(named['layer'])}" if named.get("layer") is not None else "multi-layer SAEs"
     if "hook" in named and len({s[keys.index('hook')] for s in counts.index}) > 1:
         where = f"{named['hook']}, {where}"
-    return d[site == best], f"{where} ({len(counts) - 1} other site{'s' * (len(counts) > 2)} not shown)"
+    group = {k: plain_value(named[k]) for k in varying_sites(d)}
+    return (d[site == best], f"{where} ({len(counts) - 1} other site{'s' * (len(counts) > 2)} not shown)", group)
 
 
-def _cell_keys(d: pd.DataFrame) -> list[str]:
-    return [c for c in ("family", "n_latents", *SPARSITY_KEYS, "hook", "layer") if c in d]
-
-
-def _best_lr(d: pd.DataFrame, y: str = "nmse") -> tuple[pd.DataFrame, int]:
-    """Each configuration (everything but lr and seed) at its best lr: lowest mean y over seeds. Returns the
-    kept rows and how many runs were dropped."""
-    if "lr" not in d or d["lr"].nunique(dropna=True) <= 1:
-        return d, 0
-    cell = pd.Series([repr(tuple(r)) for r in d[_cell_keys(d)].astype(object).to_numpy()], index=d.index)
-    lr = d["lr"].fillna(-1.0)
-    means = d[y].groupby([cell, lr]).mean()
-    keep = set(means.groupby(level=0).idxmin().to_list())
-    mask = np.array([(c, v) in keep for c, v in zip(cell, lr)])
-    return d[mask], int((~mask).sum())
-
-
-def _sparsity_key(part: pd.DataFrame) -> str | None:
-    for key in SPARSITY_KEYS:
-        if key in part and part[key].notna().any():
-            return key
-    return None
+def _at_best_lr(d: pd.DataFrame, y: str = "nmse") -> tuple[pd.DataFrame, int]:
+    """analysis.selection.best_lr, and how many runs it dropped."""
+    kept, dropped = best_lr(d, y)
+    return kept, len(dropped)
 
 
 def _family_order(f: str) -> tuple:
@@ -338,20 +311,13 @@ def _family_order(f: str) -> tuple:
 
 def _groups(d: pd.DataFrame, topk_only: bool = False, sequential: bool | None = None) -> list[dict]:
     """Series: per family, one per value of its sparsity key (k, l1_coeff, ...), else one for the family.
-    Each: family, key, value, rows, label, color, marker. Colors: a sequential map when every series is of
+    Each: family, key, value, rows, group (as the fits name it, analysis.selection.series), label, color,
+    marker. Colors: a sequential map when every series is of
     one family (or `sequential`), else the family's color in shades; labels name the family only when there
     are several."""
-    out = []
-    for fam in sorted(d["family"].unique(), key=_family_order):
-        part = d[d["family"] == fam]
-        if topk_only and fam not in TOPK_FAMILY:
-            continue
-        key = _sparsity_key(part)
-        if key is None:
-            out.append({"family": fam, "key": None, "value": None, "rows": part})
-            continue
-        for value, rows in part.groupby(part[key].fillna(-1.0), sort=True):
-            out.append({"family": fam, "key": key, "value": None if value == -1.0 else value, "rows": rows})
+    out = [{"family": s.family, "key": s.key, "value": s.value, "rows": s.rows, "group": s.group}
+           for s in series(d) if not topk_only or s.family in TOPK_FAMILY]
+    out.sort(key=lambda g: _family_order(g["family"]))  # stable: each family's series keep their value order
     fams = {g["family"] for g in out}
     seq = _sequential(len(out)) if (len(fams) == 1 if sequential is None else sequential) else None
     for fam in fams:
@@ -392,22 +358,29 @@ def _pick_n(d: pd.DataFrame, x: str, y: str) -> tuple[pd.DataFrame, float | None
     return d[d["n_latents"] == n], float(n)
 
 
-def _fit(fn: Callable, *args, **kw):
-    """A fit without bootstrap resamples (a figure needs the curve, not its interval); warnings about
-    skipped groups are the figure's business, not the user's."""
-    if "n_boot" in inspect.signature(fn).parameters:
-        kw.setdefault("n_boot", 0)
+Fits = tuple[dict[str, Fit], dict[str, str]]  # as analysis.sweep_fits.fit_runs returns them
+
+
+def _laws(fits: Fits | None, runs: pd.DataFrame, curves: pd.DataFrame | None = None) -> Fits:
+    """The sweep's fits as `sae-scaling fit` wrote them (render_all passes them in); a figure drawn on its
+    own fits its tables by the same rules, without bootstrap (a figure needs the curve, not its interval)."""
+    if fits is not None:
+        return fits
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            return fn(*args, **kw)
-        except DataError as err:
-            # too few converged runs: the law at the token budget, as `sae-scaling fit` does, said in the legend
-            if "not converged" not in str(err) or "converged_only" not in inspect.signature(fn).parameters:
-                raise
-            fit = fn(*args, **{**kw, "converged_only": False})
-            fit.formula += " (at the token budget, not converged)"
-            return fit
+        return fit_runs(runs, curves, n_boot=0)
+
+
+def _law(fits: Fits, law: str, group: dict) -> tuple[Fit | None, str]:
+    """The fit of `law` for a series, or None and why it was not fitted."""
+    hit = find_fit(fits[0], law, group)
+    if hit is not None:
+        return hit[1], ""
+    return None, fits[1].get(f"{TITLES[law]} {group_label(group)}", "not fitted")
+
+
+def _formula(fit: Fit) -> str:
+    return fit.formula + (" (at the token budget, not converged)" if fit.at_budget else "")
 
 
 def _grid(lo: float, hi: float, m: int = 60) -> np.ndarray:
@@ -421,7 +394,7 @@ def _lr_note(dropped: int) -> str:
 # ---------------------------------------------------------------- 1. L(C)
 
 @_figure
-def fig_loc(curves: pd.DataFrame, runs: pd.DataFrame) -> Figure:
+def fig_loc(curves: pd.DataFrame, runs: pd.DataFrame, fits: Fits | None = None) -> Figure:
     """Gao et al. Fig. 1 left: every run's training curve (nmse vs SAE training FLOPs, thin), per series
     (architecture × k) with at least 2 widths the compute frontier (lower envelope of the curves, from 10% of each run's tokens on)
     and the fitted L(C) = c + a·C^b, log-log."""
@@ -430,12 +403,13 @@ def fig_loc(curves: pd.DataFrame, runs: pd.DataFrame) -> Figure:
     for c in ("run_id", "flops", "nmse"):
         if c not in curves:
             raise SkipFigure(f"the curves table has no {c} column")
-    d, note = _one_site(_runs(runs, ("nmse",)))
+    d, note, site = _one_site(_runs(runs, ("nmse",)))
     c = curves[curves["run_id"].isin(d["run_id"])].copy()
     c["flops"], c["nmse"], c["tokens"] = _num(c, "flops"), _num(c, "nmse"), _num(c, "tokens")
     c = c[np.isfinite(c["flops"]) & (c["flops"] > 0) & np.isfinite(c["nmse"]) & (c["nmse"] > 0)]
     if c.empty:
         raise SkipFigure("no curve point with flops > 0 and nmse > 0 for an ok run")
+    laws = _laws(fits, runs, curves)
     fig, (ax,) = _subplots()
     n_fits = 0
     for g in _groups(d):
@@ -452,13 +426,12 @@ def fig_loc(curves: pd.DataFrame, runs: pd.DataFrame) -> Figure:
         front = loc_frontier(mine)
         dots = ax.plot(front["flops"], front["nmse"], ls="none", marker=g["marker"], ms=3, color=g["color"],
                        gid="frontier")[0]
-        try:
-            fit = _fit(fit_loc, mine)
-        except DataError as err:
-            dots.set_label(f"{g['label']} frontier (no fit: {err})")
+        fit, why = _law(laws, "loc", {**g["group"], **site})
+        if fit is None:
+            dots.set_label(f"{g['label']} frontier (no fit: {why})")
             continue
         x = _grid(front["flops"].min(), front["flops"].max())
-        ax.plot(x, fit.predict(flops=x), color=g["color"], lw=1.6, gid="fit", label=f"{g['label']}: {fit.formula}")
+        ax.plot(x, fit.predict(flops=x), color=g["color"], lw=1.6, gid="fit", label=f"{g['label']}: {_formula(fit)}")
         n_fits += 1
     _loglog(ax)
     ax.set_xlabel("SAE training FLOPs")
@@ -471,23 +444,20 @@ def fig_loc(curves: pd.DataFrame, runs: pd.DataFrame) -> Figure:
 # ---------------------------------------------------------------- 2. L(N), L(n, k)
 
 @_figure
-def fig_lofn(runs: pd.DataFrame) -> Figure:
+def fig_lofn(runs: pd.DataFrame, fits: Fits | None = None) -> Figure:
     """Gao et al. Fig. 1 right: converged nmse vs n_latents, one series per k (TopK family), with the joint
     L(n, k) fit drawn per k where it can be fitted (>= 2 k, >= 3 n, 7 cells), else an L(N) = c + a·n^b fit
     per k. A sweep without the TopK family: one series per architecture (and l1_coeff), each with its L(N)."""
-    d, note = _one_site(_runs(runs, ("nmse",)))
-    d, dropped = _best_lr(d)
+    d, note, site = _one_site(_runs(runs, ("nmse",)))
+    d, dropped = _at_best_lr(d)
     topk = d[d["family"].isin(TOPK_FAMILY)]
     groups = _groups(topk if not topk.empty else d)
     if not any(g["rows"]["n_latents"].nunique() >= 2 for g in groups):
         raise SkipFigure("needs some series (architecture, k) with at least 2 widths n_latents")
+    laws = _laws(fits, runs)
     fig, (ax,) = _subplots()
-    joint = {}
-    for fam in {g["family"] for g in groups} & set(TOPK_FAMILY):
-        try:
-            joint[fam] = _fit(fit_joint, d[d["family"] == fam])
-        except DataError:
-            pass
+    joint = {fam: fit for fam in {g["family"] for g in groups} & set(TOPK_FAMILY)
+             if (fit := _law(laws, "joint", {"arch": fam, **site})[0]) is not None}
     labelled = set()
     any_unconverged, n_fits, why = False, 0, []
     for g in groups:
@@ -508,19 +478,18 @@ def fig_lofn(runs: pd.DataFrame) -> Figure:
             label = "_nolegend_"
             if g["family"] not in labelled:
                 labelled.add(g["family"])
-                label = f"{g['family']} L(n,k): {fit.formula}"
+                label = f"{g['family']} L(n,k): {_formula(fit)}"
             ax.plot(x, fit.predict(n_latents=x, k=np.full_like(x, g["value"])), color=g["color"], gid="fit",
                     label=label)
             n_fits += 1
             continue
-        try:
-            fit = _fit(fit_lofn, rows)
-        except DataError as err:  # e.g. < 3 converged widths: the measured points, joined
-            why.append(str(err).removeprefix("fit_lofn: "))
+        fit, reason = _law(laws, "lofn", {**g["group"], **site})
+        if fit is None:  # e.g. < 3 converged widths: the measured points, joined
+            why.append(reason.removeprefix("fit_lofn: "))
             n, y = _by_n(rows, "nmse")
             ax.plot(n, y, color=g["color"], lw=0.8, alpha=0.6, gid="guide")
             continue
-        ax.plot(x, fit.predict(n_latents=x), color=g["color"], gid="fit", label=f"{g['label']}: {fit.formula}")
+        ax.plot(x, fit.predict(n_latents=x), color=g["color"], gid="fit", label=f"{g['label']}: {_formula(fit)}")
         n_fits += 1
     _log2_axis(ax.xaxis, values=pd.concat([g["rows"]["n_latents"] for g in groups]))
     ax.set_yscale("log")
@@ -540,8 +509,8 @@ def fig_lofn(runs: pd.DataFrame) -> Figure:
 def fig_frontier(runs: pd.DataFrame) -> Figure:
     """Gao et al. Fig. 2a: nmse vs L0 per architecture at one width (the n with the most architectures
     measured at >= 2 L0), each architecture's points and its Pareto frontier (lower envelope), log-log."""
-    d, note = _one_site(_runs(runs, ("nmse", "l0")))
-    d, dropped = _best_lr(d)
+    d, note, site = _one_site(_runs(runs, ("nmse", "l0")))
+    d, dropped = _at_best_lr(d)
     d, n = _pick_n(d, "l0", "nmse")
     if n is None:
         raise SkipFigure("needs an architecture with at least 2 runs of different L0 at the same n_latents")
@@ -581,7 +550,7 @@ def _series_vs_n(ax, d: pd.DataFrame, y: str, how_other: str) -> int:
         drawn += 1
     for fam in fams:
         rows = other[other["family"] == fam]
-        key = _sparsity_key(rows)
+        key = sparsity_key(rows)
         cells = rows.groupby(["n_latents"] + ([rows[key].fillna(-1.0)] if key else []))[y].mean()
         per_n = cells.groupby(level=0)
         per_n = per_n.min() if how_other == "min" else per_n.mean()
@@ -597,8 +566,8 @@ def _series_vs_n(ax, d: pd.DataFrame, y: str, how_other: str) -> int:
 def fig_nmse_vs_n(runs: pd.DataFrame) -> Figure:
     """Gao et al. Fig. 2b: nmse vs n_latents per architecture: the TopK family one series per k, the others
     their best nmse at each n over their sparsity grid (l1_coeff ...), log-log."""
-    d, note = _one_site(_runs(runs, ("nmse",)))
-    d, dropped = _best_lr(d)
+    d, note, site = _one_site(_runs(runs, ("nmse",)))
+    d, dropped = _at_best_lr(d)
     if d["n_latents"].nunique() < 2:
         raise SkipFigure(f"needs at least 2 widths n_latents; the sweep has {_fmt(d['n_latents'].iloc[0])} only")
     fig, (ax,) = _subplots()
@@ -615,21 +584,21 @@ def fig_nmse_vs_n(runs: pd.DataFrame) -> Figure:
 # ---------------------------------------------------------------- 5. learning rate
 
 @_figure
-def fig_lr(runs: pd.DataFrame) -> Figure:
+def fig_lr(runs: pd.DataFrame, fits: Fits | None = None) -> Figure:
     """Gao et al. Fig. 3: nmse vs learning rate (log2 axis), one series per n_latents (and architecture / k
     when those vary), nmse averaged over seeds, each point annotated with its training tokens; the best lr of
     each n (analysis.fits.fit_lr) starred, with the lr*(n) law in the legend."""
-    d, note = _one_site(_runs(runs, ("nmse", "lr")))
+    d, note, site = _one_site(_runs(runs, ("nmse", "lr")))
     key = [c for c in ("family", *SPARSITY_KEYS) if c in d and d[c].nunique(dropna=True) > 1]
-    series = []
+    per_n = []
     for values, rows in d.groupby(["n_latents", *key], sort=True, dropna=False):
         if rows["lr"].nunique() >= 2:
-            series.append((values if isinstance(values, tuple) else (values,), rows))
-    if not series:
+            per_n.append((values if isinstance(values, tuple) else (values,), rows))
+    if not per_n:
         raise SkipFigure("needs at least 2 learning rates at the same n_latents")
     fig, (ax,) = _subplots()
-    colors = _sequential(len(series))
-    for (values, rows), color in zip(series, colors):
+    colors = _sequential(len(per_n))
+    for (values, rows), color in zip(per_n, colors):
         label = f"n={_n_label(values[0])}" + "".join(
             f", {v if k == 'family' else f'{KEY_SYMBOL[k]}={_fmt(v)}'}" for k, v in zip(key, values[1:]))
         per_lr = rows.groupby("lr")
@@ -639,16 +608,14 @@ def fig_lr(runs: pd.DataFrame) -> Figure:
             for xi, yi, t in zip(lr, y, per_lr["tokens"].mean()):
                 ax.annotate(_si(t), (xi, yi), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=6,
                             color=color, gid="tokens")
-    if not key and d["n_latents"].nunique() >= 2:  # lr*(n) is a law of one architecture and k
-        try:
-            fit = _fit(fit_lr, d)
-        except DataError:
-            fit = None
+    groups = _groups(d)
+    if len(groups) == 1 and d["n_latents"].nunique() >= 2:  # lr*(n) is a law of one architecture and k
+        fit, _ = _law(_laws(fits, runs), "lr", {**groups[0]["group"], **site})
         if fit is not None:
             best = fit.extra["best"]
             best = best.rename(columns={"n": "n_latents"}) if "n_latents" not in best else best
             xs, ys = [], []
-            for (values, rows), color in zip(series, colors):
+            for (values, rows), color in zip(per_n, colors):
                 hit = best[best["n_latents"] == values[0]]
                 if hit.empty:
                     continue
@@ -656,8 +623,8 @@ def fig_lr(runs: pd.DataFrame) -> Figure:
                 b = float(hit["best_lr"].iloc[0])
                 xs.append(b)
                 ys.append(float(np.interp(np.log(b), np.log(per_lr.index.to_numpy(float)), per_lr.to_numpy(float))))
-            ax.plot(xs, ys, ls="none", marker="*", ms=10, color="black", gid="best_lr", label=f"best lr: {fit.formula}")
-    lrs = np.concatenate([rows["lr"].to_numpy(float) for _, rows in series])
+            ax.plot(xs, ys, ls="none", marker="*", ms=10, color="black", gid="best_lr", label=f"best lr: {_formula(fit)}")
+    lrs = np.concatenate([rows["lr"].to_numpy(float) for _, rows in per_n])
     _log2_axis(ax.xaxis, lambda v: f"{v:.2g}", values=lrs)
     ax.set_yscale("log")
     ax.set_xlabel("learning rate")
@@ -684,8 +651,8 @@ def fig_downstream(runs: pd.DataFrame) -> Figure:
     if runs is not None and not runs.empty and "downstream_loss" in runs and _num(runs, "downstream_loss").isna().all():
         reasons = runs["downstream_null_reason"].dropna().unique() if "downstream_null_reason" in runs else []
         raise SkipFigure("downstream_loss is null for every run" + (f": {reasons[0]}" if len(reasons) else ""))
-    d, note = _one_site(_runs(runs, ("downstream_loss",), positive=()))
-    d, dropped = _best_lr(d, "downstream_loss")
+    d, note, site = _one_site(_runs(runs, ("downstream_loss",), positive=()))
+    d, dropped = _at_best_lr(d, "downstream_loss")
     ylabel = _downstream_label(d)
     fig, axes = _subplots(2)
     ax = axes[0]
@@ -722,8 +689,8 @@ def fig_downstream(runs: pd.DataFrame) -> Figure:
 def fig_dead(runs: pd.DataFrame) -> Figure:
     """Gao et al. appendix (dead_ratio): fraction of dead latents at the end of training vs n_latents per
     architecture (TopK family one series per k; others the mean over their sparsity grid), log x."""
-    d, note = _one_site(_runs(runs, ("dead_frac",), positive=()))
-    d, dropped = _best_lr(d, "nmse") if np.isfinite(_num(d, "nmse")).all() else (d, 0)
+    d, note, site = _one_site(_runs(runs, ("dead_frac",), positive=()))
+    d, dropped = _at_best_lr(d, "nmse") if np.isfinite(_num(d, "nmse")).all() else (d, 0)
     if d["n_latents"].nunique() < 2:
         raise SkipFigure("needs at least 2 widths n_latents")
     fig, (ax,) = _subplots()
@@ -821,7 +788,7 @@ def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame) -> Figure:
     for c in ("run_id", "tokens", "nmse"):
         if c not in curves:
             raise SkipFigure(f"the curves table has no {c} column")
-    d, note = _one_site(_runs(runs, ()))
+    d, note, site = _one_site(_runs(runs, ()))
     c = curves[curves["run_id"].isin(d["run_id"])].copy()
     c["tokens"], c["nmse"] = _num(c, "tokens"), _num(c, "nmse")
     c = c[np.isfinite(c["tokens"]) & (c["tokens"] > 0) & np.isfinite(c["nmse"]) & (c["nmse"] > 0)]
@@ -839,7 +806,7 @@ def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame) -> Figure:
     styles = ["-", "--", ":", "-."]
     for ax, fam in zip(axes, fams):
         rows = d[d["family"] == fam]
-        key = _sparsity_key(rows)
+        key = sparsity_key(rows)
         values = sorted(rows[key].dropna().unique()) if key else []
         style = {v: styles[i] for i, v in enumerate(values)} if 1 < len(values) <= len(styles) else {}
         for _, run in rows.sort_values(["n_latents", "run_id"]).iterrows():
@@ -918,8 +885,8 @@ def fig_layers(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure:
 
 @_figure
 def fig_family(sweep_dir: str | Path, runs: pd.DataFrame) -> Figure:
-    """Leask et al. Fig. 7: for each family (SAEs of the same arch, k / l1_coeff, layer and seed, differing
-    in width) and each pair of consecutive widths, the histogram over the larger SAE's latents of their max
+    """Leask et al. Fig. 7: for each family (analysis.selection.width_families: SAEs of the same arch, sparsity,
+    layer and seed, each at its best lr, differing in width) and each pair of consecutive widths, the histogram over the larger SAE's latents of their max
     decoder cosine to the smaller SAE's latents; latents left of the 0.7 line are novel. No activations
     needed: the decoders come from results/<sweep>/saes/<run_id>."""
     import torch
@@ -927,18 +894,15 @@ def fig_family(sweep_dir: str | Path, runs: pd.DataFrame) -> Figure:
     from sae_core.evaluation.family import decoder_max_cosine
     from sae_core.sae import SAE
 
-    d = _runs(runs, ())
-    keys = [k for k in FAMILY_KEYS if k in d]
-    families = [(g if isinstance(g, tuple) else (g,), rows) for g, rows in
-                d.groupby(keys, dropna=False, sort=True) if rows["n_latents"].nunique() >= 2]
+    families = width_families(runs) if runs is not None and not runs.empty else []
     if not families:
-        raise SkipFigure(f"no two ok SAEs differ only in n_latents (same {', '.join(keys)})")
+        raise SkipFigure("no two ok SAEs differ only in n_latents (same architecture, sparsity, layer and seed)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     saes_dir = Path(sweep_dir) / "saes"
     panels, missing = [], 0
-    for group, rows in families:
+    for named, rows in families:
         decs = []
-        for _, run in rows.sort_values(["n_latents", "run_id"]).drop_duplicates("n_latents").iterrows():
+        for _, run in rows.iterrows():
             try:
                 sae = SAE.load(saes_dir / str(run["run_id"]), device=device)
                 decs.append((int(run["n_latents"]), sae.arch.W_dec.detach()))
@@ -950,7 +914,6 @@ def fig_family(sweep_dir: str | Path, runs: pd.DataFrame) -> Figure:
                 continue
             pairs.append((ns, nl, decoder_max_cosine(large, small).cpu().numpy()))
         if pairs:
-            named = dict(zip(keys, group))
             title = ", ".join(f"{KEY_SYMBOL.get(k, k)}={_fmt(v)}" if k != "arch" else str(v)
                               for k, v in named.items() if v is not None and not pd.isna(v))
             panels.append((title, pairs))
@@ -1012,22 +975,21 @@ def save_figure(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
     return paths
 
 
-def render_all(sweep_dir: str | Path, out_dir: str | Path | None = None,
-               names: list[str] | None = None) -> list[tuple[str, list[Path] | None, str | None]]:
+def render_all(sweep_dir: str | Path, out_dir: str | Path | None = None, names: list[str] | None = None,
+               fits: Fits | None = None) -> list[tuple[str, list[Path] | None, str | None]]:
     """Every figure of FIGURES (or `names`) the sweep's data support, saved as <out_dir>/<name>.png and .pdf
-    (default out_dir: <sweep_dir>/figures). The tables are loaded once. Returns (name, paths, None) for each
-    figure written and (name, None, reason) for each skipped. Every figure is closed."""
+    (default out_dir: <sweep_dir>/figures). The tables are loaded once; the laws drawn are `fits`, else the
+    sweep's fits.json (fitted and written first when missing or stale: analysis.sweep_fits.sweep_fits).
+    Returns (name, paths, None) for each figure written and (name, None, reason) for each skipped. Every
+    figure is closed."""
     sweep_dir = Path(sweep_dir)
     out = Path(out_dir) if out_dir is not None else sweep_dir / "figures"
     runs, curves = load_runs(sweep_dir), load_curves(sweep_dir)
-    # as `sae-scaling fit`: the L(N) fits use converged runs only (convergence judged from the curves)
-    if not runs.empty and not curves.empty and "converged" not in runs:
-        try:
-            runs = runs.merge(convergence(curves)[["run_id", "converged"]], on="run_id", how="left")
-        except DataError:
-            pass
-    tables = {"runs": runs, "curves": curves, "recovery": load_recovery(sweep_dir), "layers": load_layers(sweep_dir),
-              "sweep_dir": sweep_dir}
+    if fits is None and not runs.empty:
+        fits = sweep_fits(sweep_dir)
+    # the fits' convergence, so a figure can show the runs they left out as not converged
+    tables = {"runs": with_convergence(runs, curves), "curves": curves, "recovery": load_recovery(sweep_dir),
+              "layers": load_layers(sweep_dir), "sweep_dir": sweep_dir, "fits": fits}
     results = []
     for name in names or list(FIGURES):
         fn = FIGURES[name]

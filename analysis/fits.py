@@ -14,6 +14,7 @@ how well the law extrapolates to them, the use a scaling law is fitted for.
 """
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -24,6 +25,7 @@ from scipy.optimize import least_squares
 from scipy.special import expit
 
 from analysis.frontier import lower_envelope
+from analysis.selection import best_lr, run_ids, usable
 from sae_core.errors import DataError
 
 N_BOOT = 200
@@ -52,6 +54,9 @@ class Fit:
     x_range: dict[str, tuple[float, float]]
     holdout: dict | None = None                 # {"max_rel_error", "mean_rel_error", "n_held_out", "held_out"}
     flagged: list = field(default_factory=list)  # run_ids left out as not converged
+    runs: list = field(default_factory=list)     # run_ids of the points (L(C): the runs its frontier came from)
+    group: dict = field(default_factory=dict)    # which series of a sweep (analysis.selection.Series.group)
+    at_budget: bool = False                      # fitted at the token budget: too few runs had converged
     extra: dict = field(default_factory=dict)    # law-specific: power_law, frontier, best, excluded
     variables: tuple[str, ...] = ()              # predict's arguments, in order
     model: Callable | None = field(default=None, repr=False)    # model(theta, *xs) -> prediction
@@ -89,33 +94,67 @@ class Fit:
                 "ci": {k: [_num(lo), _num(hi)] for k, (lo, hi) in self.ci.items()},
                 "r2": _num(self.r2), "rmse_log": _num(self.rmse_log), "n_points": int(self.n_points),
                 "x_range": {k: [_num(lo), _num(hi)] for k, (lo, hi) in self.x_range.items()},
-                "holdout": holdout, "flagged": [str(r) for r in self.flagged]}
+                "holdout": holdout, "flagged": [str(r) for r in self.flagged], "runs": [str(r) for r in self.runs],
+                "group": self.group, "at_budget": self.at_budget, "variables": list(self.variables),
+                "draws": [[_num(v) for v in row] for row in (self.draws if self.draws is not None else [])],
+                **({"best": json.loads(self.extra["best"].to_json(orient="records"))} if "best" in self.extra else {})}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fit":
+        """A fit as `to_dict` wrote it (fits.json), with predict and predict_interval working again."""
+        none = float("nan")
+        params = {k: none if v is None else float(v) for k, v in d["params"].items()}
+        draws = np.array([[none if v is None else v for v in row] for row in d.get("draws", [])], dtype=float)
+        extra = {"best": pd.DataFrame(d["best"])} if "best" in d else {}
+        return cls(law=d["law"], formula=d["formula"], params=params, extra=extra,
+                   ci={k: (none if lo is None else lo, none if hi is None else hi) for k, (lo, hi) in d["ci"].items()},
+                   r2=none if d["r2"] is None else d["r2"], rmse_log=none if d["rmse_log"] is None else d["rmse_log"],
+                   n_points=d["n_points"], x_range={k: tuple(v) for k, v in d["x_range"].items()},
+                   holdout=d.get("holdout"), flagged=list(d.get("flagged", [])), runs=list(d.get("runs", [])),
+                   group=dict(d.get("group", {})), at_budget=bool(d.get("at_budget", False)),
+                   variables=tuple(d.get("variables", d["x_range"])), model=MODELS[d["law"]],
+                   draws=draws.reshape(-1, len(params)))
 
 
 # ---------------------------------------------------------------- the one generic fitter: solve, bootstrap, holdout
 
+def _unit_resampler(units: np.ndarray, X: list[np.ndarray], y: np.ndarray) -> Callable:
+    """Draws of whole units (all points of each drawn unit, as often as it is drawn): the points of one unit
+    (the seeds of one cell) share its configuration and are not independent evidence about the law."""
+    members = [np.flatnonzero(units == u) for u in np.unique(units)]
+
+    def draw(rng):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        return [x[idx] for x in X], y[idx]
+    return draw
+
+
 def _build(law: str, names: Sequence[str], variables: Sequence[str], X: list[np.ndarray], y: np.ndarray,
            solve: Callable, model: Callable, formula: Callable, *, min_ok: Callable, hold: np.ndarray,
-           n_boot: int, seed: int) -> Fit:
+           n_boot: int, seed: int, units: np.ndarray | None = None) -> Fit:
     """Fit `solve(X, y, init) -> theta` to every point, bootstrap it, and refit without the `hold` points to
-    see how it predicts them. `min_ok(X)` says whether a subset of the design still identifies the law."""
+    see how it predicts them. `min_ok(X)` says whether a subset of the design still identifies the law.
+    The bootstrap resamples `units` (one label per point; default: every point its own unit): a draw takes
+    every point of each drawn unit."""
     theta = solve(X, y, None)
     res = np.log(model(theta, *X)) - np.log(y)
     ly = np.log(y)
     ss_tot = float(np.sum((ly - ly.mean()) ** 2))
     rng = np.random.default_rng(seed)
+    units = np.arange(len(y)) if units is None else np.asarray(units)
+    draw = _unit_resampler(units, X, y)
     draws = []
     for _ in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
-        Xb = [x[idx] for x in X]
+        Xb, yb = draw(rng)
         if min_ok(Xb):  # a resample that misses too many design points cannot identify the law: skipped
-            draws.append(solve(Xb, y[idx], theta))  # started from the full fit: same basin, much faster
+            draws.append(solve(Xb, yb, theta))  # started from the full fit: same basin, much faster
     draws = np.array(draws, dtype=float).reshape(-1, len(names))
-    # Resampling n points understates the spread of a p-parameter fit by about (n - p) / n in variance (the
-    # fit chases each resample's noise); the usual small-sample correction scales the draws' deviations
-    # from the fit back up. On eq. 3 data (45 points, 6 parameters) it lifts the 95% intervals' measured
-    # coverage from 0.89-0.94 to 0.92-0.96.
-    draws = theta + (draws - theta) * np.sqrt(len(y) / max(len(y) - len(names), 1))
+    # Resampling m units understates the spread of a p-parameter fit by about (m - p) / m in variance (the fit
+    # chases each resample's noise); the usual small-sample correction scales the draws' deviations from the
+    # fit back up. On eq. 3 data (45 cells, 6 parameters) it lifts the 95% intervals' measured coverage from
+    # 0.89-0.94 to 0.92-0.96.
+    m = len(np.unique(units))
+    draws = theta + (draws - theta) * np.sqrt(m / max(m - len(names), 1))
     if len(draws):
         ci = {p: (float(lo), float(hi)) for p, lo, hi in zip(names, *np.percentile(draws, [2.5, 97.5], axis=0))}
     else:
@@ -179,7 +218,8 @@ def _solve_power_law(X, y, init):
 
 
 def _fit_offset_power(x: np.ndarray, y: np.ndarray, *, law: str, var: str, symbol: str, lhs: str = "L",
-                      offset: bool = True, hold_top: int = 1, n_boot: int = N_BOOT, seed: int = SEED) -> Fit:
+                      offset: bool = True, hold_top: int = 1, n_boot: int = N_BOOT, seed: int = SEED,
+                      units: np.ndarray | None = None) -> Fit:
     """L = c + a·x^b (offset) or L = a·x^b, with bootstrap CIs; holds out the `hold_top` largest distinct x."""
     names = ("a", "b", "c") if offset else ("a", "b")
     distinct = np.unique(x)
@@ -191,7 +231,7 @@ def _fit_offset_power(x: np.ndarray, y: np.ndarray, *, law: str, var: str, symbo
         solve, model = _solve_power_law, _power_law_model
         formula = lambda t: f"{lhs} = {t[0]:.3g}·{symbol}^{t[1]:.3g}"
     return _build(law, names, [var], [x], y, solve, model, formula, hold=hold, n_boot=n_boot, seed=seed,
-                  min_ok=lambda X: len(np.unique(X[0])) >= len(names))
+                  min_ok=lambda X: len(np.unique(X[0])) >= len(names), units=units)
 
 
 # ---------------------------------------------------------------- selecting the rows a law is fitted to
@@ -210,31 +250,28 @@ def _need_distinct(values: np.ndarray, n: int, who: str, what: str, flagged: Seq
         raise DataError(f"{who}: needs at least {n} distinct {what}, got {got}{why}")
 
 
-def _ids(d: pd.DataFrame) -> pd.Series:
-    return d["run_id"].astype(str) if "run_id" in d else pd.Series(d.index.astype(str), index=d.index)
-
-
-def _select(runs: pd.DataFrame, who: str, cols: Sequence[str], converged_only: bool, y: str = "nmse"):
-    """Rows with status ok and a positive finite y. Runs marked converged == False are dropped when
-    converged_only and returned as `flagged` (NA means unknown and is kept). Every other row left out is
-    returned in `excluded` {run_id: reason}, so nothing disappears silently."""
+def _select(runs: pd.DataFrame, who: str, cols: Sequence[str], converged_only: bool, y: str = "nmse",
+            at_best_lr: bool = False):
+    """Rows with status ok, a positive finite y and finite `cols` (analysis.selection.usable); with
+    `at_best_lr`, each cell at its best lr (analysis.selection.best_lr: mean y over seeds, every lr of the cell
+    competing, converged or not); then runs marked converged == False are dropped when converged_only and
+    returned as `flagged` (NA means unknown and is kept). Every row left out is in `excluded`
+    {run_id: reason}, so nothing disappears silently."""
     _require(runs, cols, who)
-    excluded: dict[str, str] = {}
-    d = runs
-    if "status" in d:
-        bad = d["status"].astype(str) != "ok"
-        excluded.update({r: f"status {s}" for r, s in zip(_ids(d)[bad], d["status"][bad])})
-        d = d[~bad]
-    flagged: list[str] = []
-    if converged_only and "converged" in d:
-        bad = d["converged"].astype("boolean").eq(False).fillna(False).to_numpy(bool)
-        flagged = list(_ids(d)[bad])
-        excluded.update({r: "not converged" for r in flagged})
-        d = d[~bad]
+    d, excluded = usable(runs, y)
     for c in cols:
         v = pd.to_numeric(d[c], errors="coerce").astype(float).to_numpy()
         bad = ~(np.isfinite(v) & (v > 0)) if c in (y, "n_latents", "lr") else ~np.isfinite(v)
-        excluded.update({r: f"{c} missing or not positive" for r in _ids(d)[bad]})
+        excluded.update({r: f"{c} missing or not positive" for r in run_ids(d)[bad]})
+        d = d[~bad]
+    if at_best_lr:
+        d, dropped = best_lr(d, y)
+        excluded.update(dropped)
+    flagged: list[str] = []
+    if converged_only and "converged" in d:
+        bad = d["converged"].astype("boolean").eq(False).fillna(False).to_numpy(bool)
+        flagged = list(run_ids(d)[bad])
+        excluded.update({r: "not converged" for r in flagged})
         d = d[~bad]
     return d, flagged, excluded
 
@@ -251,11 +288,13 @@ def _plain(v: Any) -> Any:
 
 def fit_lofn(runs: pd.DataFrame, by: str | Sequence[str] | None = None, converged_only: bool = True,
              n_boot: int = N_BOOT, seed: int = SEED) -> Fit | dict:
-    """L(n) = c + a·n^b (a > 0, b ≤ 0, c ≥ 0: the irreducible loss) over the runs' final nmse; every run
-    (seeds included) is one point. `fit.extra["power_law"]` is the pure power law (c = 0) fitted to the same
-    points, for comparison (its r2 is the case for the irreducible term). With `by`, one fit per group,
-    returned as {group: Fit} (a value for one key, a tuple for several); groups with fewer than 3 distinct
-    n_latents are skipped with a warning."""
+    """L(n) = c + a·n^b (a > 0, b ≤ 0, c ≥ 0: the irreducible loss) over the runs' final nmse. Where the runs
+    hold several learning rates per width, each width at its best lr (analysis.selection.best_lr, as Gao et
+    al. 2024 fit L(N)); every seed of it is a point, and the bootstrap resamples widths (all seeds of a drawn
+    width together). `fit.runs` lists the runs used; `fit.extra["excluded"]` every other run with its reason;
+    `fit.extra["power_law"]` the pure power law (c = 0) on the same points (its r2 is the case for the
+    irreducible term). With `by`, one fit per group, returned as {group: Fit} (a value for one key, a tuple for
+    several); groups with fewer than 3 distinct n_latents are skipped with a warning."""
     if by is not None:
         keys = [by] if isinstance(by, str) else list(by)
         _require(runs, ["n_latents", "nmse", *keys], "fit_lofn")
@@ -270,13 +309,13 @@ def fit_lofn(runs: pd.DataFrame, by: str | Sequence[str] | None = None, converge
         if not out:
             raise DataError(f"fit_lofn: no group of {', '.join(keys)} has 3 distinct n_latents with status ok")
         return out
-    d, flagged, excluded = _select(runs, "fit_lofn", ["n_latents", "nmse"], converged_only)
+    d, flagged, excluded = _select(runs, "fit_lofn", ["n_latents", "nmse"], converged_only, at_best_lr=True)
     n, y = _column(d, "n_latents"), _column(d, "nmse")
     _need_distinct(n, 3, "fit_lofn", "n_latents", flagged)
-    fit = _fit_offset_power(n, y, law="lofn", var="n_latents", symbol="n", n_boot=n_boot, seed=seed)
+    fit = _fit_offset_power(n, y, law="lofn", var="n_latents", symbol="n", n_boot=n_boot, seed=seed, units=n)
     fit.extra["power_law"] = _fit_offset_power(n, y, law="lofn_power", var="n_latents", symbol="n", offset=False,
-                                               n_boot=n_boot, seed=seed)
-    fit.flagged, fit.extra["excluded"] = flagged, excluded
+                                               n_boot=n_boot, seed=seed, units=n)
+    fit.flagged, fit.runs, fit.extra["excluded"] = flagged, list(run_ids(d)), excluded
     return fit
 
 
@@ -325,16 +364,19 @@ def fit_loc(curves: pd.DataFrame, x: str = "flops", y: str = "nmse", x_min: floa
     like L(N) over the frontier points with x_min ≤ x ≤ x_max (default: all of them). Set the range when the
     frontier's ends are not compute-limited: below the C at which the smallest run first gets near its best,
     the frontier is that run's warm-up; beyond the largest run's, a converged run's plateau. Both bend the
-    fitted exponent. The holdout leaves out the largest `holdout_frac` of the fitted points (at least one)."""
+    fitted exponent. The holdout leaves out the largest `holdout_frac` of the fitted points (at least one).
+    Neighbouring frontier points come from one run's autocorrelated curve, so the bootstrap resamples runs:
+    each draw takes every frontier point of each drawn run. `fit.runs` are the runs on the fitted frontier.""" 
     _require(curves, ["run_id", x, y], "fit_loc")
     front = loc_frontier(curves[(pd.to_numeric(curves[x]) > 0) & (pd.to_numeric(curves[y]) > 0)], x, y)
     cx, cy = _column(front, x), _column(front, y)
     inside = (cx >= (-np.inf if x_min is None else x_min)) & (cx <= (np.inf if x_max is None else x_max))
-    cx, cy = cx[inside], cy[inside]
+    cx, cy, owner = cx[inside], cy[inside], front["run_id"].astype(str).to_numpy()[inside]
     _need_distinct(cx, 3, "fit_loc", f"{x} on the frontier" + ("" if x_min is None and x_max is None else " in range"))
     fit = _fit_offset_power(cx, cy, law="loc", var=x, symbol="C", hold_top=max(1, int(round(holdout_frac * len(cx)))),
-                            n_boot=n_boot, seed=seed)
+                            n_boot=n_boot, seed=seed, units=owner)
     fit.extra["frontier"] = front
+    fit.runs = sorted(set(owner))
     return fit
 
 
@@ -385,6 +427,10 @@ def _joint_model(t, n, k):
     return np.exp(a + bk * lk + bn * ln + g * lk * ln) + np.exp(z + e * lk)
 
 
+MODELS = {"lofn": _offset_power_model, "loc": _offset_power_model, "lofn_power": _power_law_model,
+          "lr": _power_law_model, "joint": _joint_model}
+
+
 def _joint_formula(t) -> str:
     def term(coef, label):
         return f" {'-' if coef < 0 else '+'} {abs(coef):.3g}·{label}"
@@ -397,9 +443,10 @@ def fit_joint(runs: pd.DataFrame, converged_only: bool = True, n_boot: int = N_B
     """Gao et al. eq. 3: L(n, k) = exp(α + β_k ln k + β_n ln n + γ ln k ln n) + exp(ζ + η ln k), natural
     logs, fitted on log L from several starting points (the published coefficients among them), best kept.
     Rows without k (the L1 family) are left out and listed in extra["excluded"]. The holdout refits without
-    the largest n (every k) and predicts it. predict(n_latents=..., k=...)."""
+    the largest n (every k) and predicts it. predict(n_latents=..., k=...). As fit_lofn: each (n, k) cell at
+    its best lr, seeds as points, the bootstrap resampling cells; `fit.runs` the runs used."""
     cols = ["n_latents", "k", "nmse"]
-    d, flagged, excluded = _select(runs, "fit_joint", cols, converged_only)
+    d, flagged, excluded = _select(runs, "fit_joint", cols, converged_only, at_best_lr=True)
     n, k, y = _column(d, "n_latents"), _column(d, "k"), _column(d, "nmse")
     _need_distinct(n, 3, "fit_joint", "n_latents", flagged)
     _need_distinct(k, 2, "fit_joint", "k", flagged)
@@ -412,8 +459,9 @@ def fit_joint(runs: pd.DataFrame, converged_only: bool = True, n_boot: int = N_B
 
     fit = _build("joint", JOINT_PARAMS, ["n_latents", "k"], [n, k], y,
                  _joint_solver(float(np.mean(np.log(k))), float(np.mean(np.log(n)))), _joint_model, _joint_formula,
-                 min_ok=min_ok, hold=n == n.max(), n_boot=n_boot, seed=seed)
-    fit.flagged, fit.extra["excluded"] = flagged, excluded
+                 min_ok=min_ok, hold=n == n.max(), n_boot=n_boot, seed=seed, units=np.array(
+                     [f"{a:g}/{b:g}" for a, b in zip(n, k)]))
+    fit.flagged, fit.runs, fit.extra["excluded"] = flagged, list(run_ids(d)), excluded
     return fit
 
 
@@ -450,7 +498,7 @@ def fit_lr(runs: pd.DataFrame, converged_only: bool = False, n_boot: int = N_BOO
     _need_distinct(best.n_latents.to_numpy(), 2, "fit_lr", "n_latents")
     fit = _fit_offset_power(best.n_latents.to_numpy(float), best.best_lr.to_numpy(float), law="lr", var="n_latents",
                             symbol="n", lhs="lr*", offset=False, n_boot=n_boot, seed=seed)
-    fit.flagged, fit.extra["excluded"], fit.extra["best"] = flagged, excluded, best
+    fit.flagged, fit.runs, fit.extra["excluded"], fit.extra["best"] = flagged, list(run_ids(d)), excluded, best
     return fit
 
 

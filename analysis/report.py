@@ -9,7 +9,7 @@ from pathlib import Path
 
 from analysis.figures import render_all
 from analysis.results import load_runs
-from analysis.sweep_fits import fit_sweep, write_fits
+from analysis.sweep_fits import sweep_fits
 from sae_core.io import write_text_atomic
 
 RUN_COLUMNS = ["run_id", "arch", "layer", "n_latents", "k", "l1_coeff", "lr", "seed", "status", "nmse", "l0",
@@ -23,9 +23,8 @@ figure{margin:1.5em 0}figcaption{font-size:13px;color:#555}"""
 def write_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out else sweep_dir / "figures"
-    fits, skipped = fit_sweep(sweep_dir)
-    write_fits(sweep_dir, fits, skipped)
-    figures = render_all(sweep_dir, out)
+    fits, skipped = sweep_fits(sweep_dir)  # fits.json when current: the report, figures and `fit` agree
+    figures = render_all(sweep_dir, out, fits=(fits, skipped))
     runs = load_runs(sweep_dir)
     esc = html.escape
     parts = [f"<!doctype html><meta charset='utf-8'><title>{esc(sweep_dir.name)}</title><style>{_STYLE}</style>",
@@ -33,12 +32,12 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
              f"<p>{len(runs)} runs: " + ", ".join(f"{n} {esc(str(s))}" for s, n in runs.status.value_counts().items())
              + "</p>", "<h2>Grid</h2>", f"<pre>{esc((sweep_dir / 'sweep.yaml').read_text())}</pre>",
              "<h2>Fitted laws</h2><table><tr><th>law</th><th>fit</th><th>95% intervals</th><th>R²</th>"
-             "<th>points</th><th>largest held out</th></tr>"]
+             "<th>points (runs)</th><th>largest held out</th></tr>"]
     for name, f in fits.items():
         ci = "<br>".join(f"{esc(k)} [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in f.ci.items())
         hold = f.holdout.get("max_rel_error") if f.holdout else None
         parts.append(f"<tr><td>{esc(name)}</td><td>{esc(f.formula)}</td><td>{ci}</td><td>{f.r2:.3f}</td>"
-                     f"<td>{f.n_points}</td><td>{'' if hold is None else f'{hold:.1%}'}</td></tr>")
+                     f"<td>{f.n_points} ({len(f.runs)})</td><td>{'' if hold is None else f'{hold:.1%}'}</td></tr>")
     parts.append("</table>")
     parts += [f"<p>{esc(name)}: skipped ({esc(reason)})</p>" for name, reason in skipped.items()]
     parts.append("<h2>Figures</h2>")

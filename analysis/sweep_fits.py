@@ -1,15 +1,23 @@
-"""The laws a sweep's data support, fitted and written to `results/<sweep>/fits/` (fits.json, fits.parquet).
+"""The laws a sweep's data support, fitted once and written to `results/<sweep>/fits/` (fits.json,
+fits.parquet); `sae-scaling fit`, the figures and the report all read these fits (`sweep_fits`), so every
+legend's formula is the one in fits.json.
 
-- L(N) per (arch, k) for the TopK family and per (arch, l1_coeff) for the L1 family: converged runs only
-  (convergence judged from the curves, `analysis.fits.convergence`; unconverged runs are flagged).
-- L(C) per (arch, k): the lower envelope of the training curves of every width, each curve from 10% of its
+Which runs reach which law (analysis.selection states the rules once):
+- L(N) per series (family, sparsity value, site): each width at its best lr (mean final nmse over seeds),
+  converged runs only (convergence judged from the curves, `analysis.fits.convergence`); when too few
+  converged, the law is fitted at the token budget and says so. Bootstrap unit: the width (its seeds together).
+- L(C) per series with at least 2 widths: the lower envelope of the training curves of every run of the
+  series, every lr included (an envelope keeps the best of them by construction), each curve from 10% of its
   run's tokens on (the first steps are a transient of the initialisation, not compute-efficient training).
-- The joint law L(n, k) over the `topk` runs (at least 2 k and 3 n).
-- lr*(n) where the sweep has at least 2 learning rates at each of at least 3 widths.
+  Bootstrap unit: the run.
+- L(n, k) (Gao et al. 2024, eq. 3) per TopK-family architecture and site, over its cells of every k, each
+  at its best lr (at least 2 k and 3 n). Bootstrap unit: the (n, k) cell.
+- lr*(n) per series with at least 2 learning rates at each of at least 3 widths.
 A law the data do not support is skipped with its reason.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,83 +25,106 @@ import pandas as pd
 
 from analysis.fits import Fit, convergence, fit_joint, fit_lofn, fit_loc, fit_lr, fits_table
 from analysis.results import load_curves, load_runs
+from analysis.selection import group_label, series, usable
 from orchestrator.store import write_parquet_atomic
 from sae_core.errors import DataError
 from sae_core.io import write_json_atomic
 
 LAWS = ("lofn", "loc", "joint", "lr")
+TITLES = {"lofn": "L(N)", "loc": "L(C)", "joint": "L(n,k)", "lr": "lr*(n)"}
 CURVE_START = 0.1  # fraction of a run's tokens before its curve enters the L(C) frontier
+# bumped when a change here or in analysis.fits changes what a fit of the same data gives, so older
+# fits.json files count as stale
+FITS_VERSION = 2
 
 
-def _label(keys: tuple, values) -> str:
-    values = values if isinstance(values, tuple) else (values,)
-    return ", ".join(f"{k}={v}" for k, v in zip(keys, values) if not pd.isna(v))
+def with_convergence(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """The runs with a `converged` column judged from their curves (NA where a run has no curve)."""
+    if runs.empty or curves.empty or "converged" in runs:
+        return runs
+    try:
+        return runs.merge(convergence(curves)[["run_id", "converged"]], on="run_id", how="left")
+    except DataError:
+        return runs
 
 
-def _groups(runs: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
-    """(arch, k) for the TopK family, (arch, l1_coeff) for the L1 family, (arch,) otherwise."""
-    out = []
-    for arch, part in runs.groupby("arch"):
-        key = "k" if part["k"].notna().any() else "l1_coeff" if part["l1_coeff"].notna().any() else None
-        if key is None:
-            out.append(((("arch",), arch), part))
-        else:
-            out += [((("arch", key), (arch, v)), g) for v, g in part.groupby(key)]
-    return out
+def fit_runs(runs: pd.DataFrame, curves: pd.DataFrame | None = None, laws: tuple[str, ...] = LAWS,
+             n_boot: int | None = None) -> tuple[dict[str, Fit], dict[str, str]]:
+    """Every law of `laws` the tables support: {name: Fit} (each with its `group`) and {name: why skipped}."""
+    curves = pd.DataFrame() if curves is None else curves
+    boot = {} if n_boot is None else {"n_boot": n_boot}
+    runs = with_convergence(runs, curves)
+    ok, _ = usable(runs)
+    fits: dict[str, Fit] = {}
+    skipped: dict[str, str] = {}
+
+    def attempt(law: str, group: dict, fn, frame: pd.DataFrame | None = None):
+        """fn(converged_only) -> Fit. When too few runs of `frame` converged, the law is fitted at the token
+        budget instead: its name says so and `flagged` lists the unconverged runs it used."""
+        name = f"{TITLES[law]} {group_label(group)}"
+        try:
+            fit = fn(True)
+        except DataError as err:
+            reason = str(err)
+            if frame is None or "not converged" not in reason:
+                skipped[name] = reason
+                return
+            try:
+                fit = fn(False)
+            except DataError as err:
+                skipped[name] = str(err)
+                return
+            fit.flagged = list(frame.run_id[frame.converged.eq(False).fillna(False)].astype(str))
+            fit.at_budget, name = True, f"{name} at the token budget"
+        fit.group = group
+        fits[name] = fit
+
+    for s in series(ok):
+        rows = s.rows
+        if "lofn" in laws:
+            attempt("lofn", s.group, lambda conv, rows=rows: fit_lofn(rows, converged_only=conv, **boot), rows)
+        if "loc" in laws and not curves.empty and rows.n_latents.nunique() >= 2:
+            mine = curves[curves.run_id.isin(rows.run_id)]
+            if "tokens" in mine:
+                mine = mine[mine.tokens >= CURVE_START * mine.groupby("run_id").tokens.transform("max")]
+            attempt("loc", s.group, lambda conv, mine=mine: fit_loc(mine, **boot))
+        if "lr" in laws and "lr" in rows:
+            if (rows.groupby("n_latents").lr.nunique() >= 2).sum() >= 3:
+                attempt("lr", s.group, lambda conv, rows=rows: fit_lr(rows, **boot))
+            elif rows.lr.nunique() >= 2:
+                skipped[f"{TITLES['lr']} {group_label(s.group)}"] = \
+                    "needs at least 2 learning rates at each of at least 3 widths"
+    if "joint" in laws and "k" in ok:
+        for s in series(ok[ok.k.notna()], by_sparsity=False):
+            if s.rows.k.nunique() >= 2:
+                attempt("joint", s.group, lambda conv, rows=s.rows: fit_joint(rows, converged_only=conv, **boot),
+                        s.rows)
+    return fits, skipped
 
 
 def fit_sweep(sweep_dir: str | Path, laws: tuple[str, ...] = LAWS) -> tuple[dict[str, Fit], dict[str, str]]:
     """Fits by name, and the reason each skipped law was skipped."""
-    runs, curves = load_runs(sweep_dir), load_curves(sweep_dir)
+    runs = load_runs(sweep_dir)
     if runs.empty:
         raise DataError(f"{sweep_dir}: no finished runs to fit")
-    runs = runs[runs.status == "ok"]
-    if not curves.empty:
-        runs = runs.merge(convergence(curves)[["run_id", "converged"]], on="run_id", how="left")
-    fits: dict[str, Fit] = {}
-    skipped: dict[str, str] = {}
-
-    def attempt(name: str, fn, frame: pd.DataFrame | None = None):
-        """fn(converged_only) -> Fit. When too few runs of `frame` converged, the law is fitted at the token
-        budget instead: its name says so and `flagged` lists the unconverged runs it used."""
-        try:
-            fits[name] = fn(True)
-            return
-        except DataError as err:
-            reason = str(err)
-        if frame is not None and "not converged" in reason:
-            try:
-                fit = fn(False)
-                fit.flagged = list(frame.run_id[frame.converged.eq(False).fillna(False)].astype(str))
-                fits[f"{name} at the token budget"] = fit
-                return
-            except DataError as err:
-                reason = str(err)
-        skipped[name] = reason
-
-    for (keys, values), part in _groups(runs):
-        label = _label(keys, values)
-        if "lofn" in laws:
-            attempt(f"L(N) {label}", lambda conv, part=part: fit_lofn(part, converged_only=conv), part)
-        if "loc" in laws and not curves.empty and part.n_latents.nunique() >= 2:
-            mine = curves[curves.run_id.isin(part.run_id)]
-            mine = mine[mine.tokens >= CURVE_START * mine.groupby("run_id").tokens.transform("max")]
-            attempt(f"L(C) {label}", lambda conv, mine=mine: fit_loc(mine))
-    if "joint" in laws:
-        topk = runs[runs.arch == "topk"]
-        attempt("L(n,k) topk", lambda conv: fit_joint(topk, converged_only=conv), topk)
-    if "lr" in laws:
-        by_n = runs.groupby("n_latents").lr.nunique()
-        if (by_n >= 2).sum() >= 3:
-            attempt("lr*(n)", lambda conv: fit_lr(runs))
-        else:
-            skipped["lr*(n)"] = "needs at least 2 learning rates at each of at least 3 widths"
-    return fits, skipped
+    return fit_runs(runs, load_curves(sweep_dir), laws)
 
 
-def write_fits(sweep_dir: str | Path, fits: dict[str, Fit], skipped: dict[str, str]) -> Path:
+def fingerprint(sweep_dir: str | Path) -> str:
+    """A hash of the tables the fits read (runs/ and curves/) and of the fitting rules' version."""
+    h = hashlib.sha256(f"fits v{FITS_VERSION}".encode())
+    for table in ("runs", "curves"):
+        for f in sorted((Path(sweep_dir) / table).glob("*.parquet")):
+            h.update(f"{table}/{f.name}".encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def write_fits(sweep_dir: str | Path, fits: dict[str, Fit], skipped: dict[str, str],
+               laws: tuple[str, ...] = LAWS) -> Path:
     out = Path(sweep_dir) / "fits"
-    write_json_atomic(out / "fits.json", {"fits": {name: f.to_dict() for name, f in fits.items()},
+    write_json_atomic(out / "fits.json", {"inputs": fingerprint(sweep_dir), "laws": list(laws),
+                                          "fits": {name: f.to_dict() for name, f in fits.items()},
                                           "skipped": skipped})
     if fits:
         table = fits_table(fits)
@@ -101,11 +132,46 @@ def write_fits(sweep_dir: str | Path, fits: dict[str, Fit], skipped: dict[str, s
     return out
 
 
+def read_fits(sweep_dir: str | Path) -> tuple[dict[str, Fit], dict[str, str]] | None:
+    """The fits `sae-scaling fit` wrote, if they cover every law and were fitted to the tables as they are
+    now; None when fits/ is missing, unreadable, partial or stale."""
+    path = Path(sweep_dir) / "fits" / "fits.json"
+    try:
+        data = json.loads(path.read_text())
+        if data.get("inputs") != fingerprint(sweep_dir) or set(data.get("laws", ())) != set(LAWS):
+            return None
+        return {name: Fit.from_dict(d) for name, d in data["fits"].items()}, dict(data.get("skipped", {}))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def sweep_fits(sweep_dir: str | Path) -> tuple[dict[str, Fit], dict[str, str]]:
+    """The sweep's fits: fits.json when it is current, else fitted now and written (where the folder is
+    writable: on read-only storage the fits are used without being saved)."""
+    current = read_fits(sweep_dir)
+    if current is not None:
+        return current
+    fits, skipped = fit_sweep(sweep_dir)
+    try:
+        write_fits(sweep_dir, fits, skipped)
+    except OSError:
+        pass
+    return fits, skipped
+
+
+def find_fit(fits: dict[str, Fit], law: str, group: dict) -> tuple[str, Fit] | None:
+    """The fit of `law` whose group is `group` (an L(N) fitted at the token budget included)."""
+    for name, fit in fits.items():
+        if fit.law == law and fit.group == group:
+            return name, fit
+    return None
+
+
 def print_fits(fits: dict[str, Fit], skipped: dict[str, str], echo=print) -> None:
     for name, f in fits.items():
         ci = ", ".join(f"{k} [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in f.ci.items())
         hold = f.holdout.get("max_rel_error") if f.holdout else None
-        echo(f"{name}: {f.formula}   (R² {f.r2:.3f}, {f.n_points} points"
+        echo(f"{name}: {f.formula}   (R² {f.r2:.3f}, {f.n_points} points from {len(f.runs)} runs"
              + (f", largest held out: {hold:.1%} error" if hold is not None else "") + ")")
         echo(f"    95% CI: {ci}")
         if f.flagged:

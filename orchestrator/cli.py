@@ -53,8 +53,9 @@ def _results(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from analysis.sweep_fits import LAWS, fit_sweep, print_fits, write_fits
 
-    fits, skipped = fit_sweep(args.sweep_dir, (args.law,) if args.law else LAWS)
-    out = write_fits(args.sweep_dir, fits, skipped)
+    laws = (args.law,) if args.law else LAWS
+    fits, skipped = fit_sweep(args.sweep_dir, laws)
+    out = write_fits(args.sweep_dir, fits, skipped, laws)
     print_fits(fits, skipped)
     print(f"written to {out}")
     return 0 if fits else 1

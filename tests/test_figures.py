@@ -43,7 +43,7 @@ def synthetic():
             l0 = 40 * (1e-3 / l1) ** 0.5 * (n / 256) ** 0.1
             rows.append(_row(f"relu_l{l1}_n{n}", "relu", n, l1=l1, nmse=0.9 * l0 ** -0.35 * (n / 256) ** -0.05,
                              l0=l0, dead_frac=0.1))
-    for n in (256, 1024):  # the lr sweep: lr 1e-3 is the grid's run, two more lrs, both worse
+    for n in (256, 1024, 2048):  # the lr sweep: lr 1e-3 is the grid's run, two more lrs, both worse
         for lr in (3e-4, 3e-3):
             base = next(r for r in rows if r["run_id"] == f"topk_k8_n{n}")
             rows.append(_row(f"topk_k8_n{n}_lr{lr}", "topk", n, k=8, lr=lr, nmse=base["nmse"] * 1.2,
@@ -208,10 +208,10 @@ def test_lr_series_per_n_annotated_with_tokens(data):
     fig = F.fig_lr(data[0][lambda d: (d.arch == "topk") & (d.k == 8)])
     ax = fig.axes[0]
     series = lines(ax, "series")
-    assert [s.get_label() for s in series] == ["n=256", "n=1024"]
+    assert [s.get_label() for s in series] == ["n=256", "n=1024", "n=2048"]
     assert all(len(s.get_xdata()) == 3 for s in series)
     tokens = [t for t in ax.texts if t.get_gid() == "tokens"]
-    assert len(tokens) == 6 and {t.get_text() for t in tokens} == {"16M"}
+    assert len(tokens) == 9 and {t.get_text() for t in tokens} == {"16M"}
     assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
     best = lines(ax, "best_lr")
     assert len(best) == 1 and best[0].get_label().startswith("best lr: lr* = ")
@@ -277,7 +277,7 @@ def test_curves_panel_per_arch_colored_by_n(data):
     fig = F.fig_curves(curves, runs)
     panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert [ax.get_title() for ax in panels] == ["topk", "relu"]
-    assert len(lines(panels[0], "curve")) == 12 and len(lines(panels[1], "curve")) == 6
+    assert len(lines(panels[0], "curve")) == 14 and len(lines(panels[1], "curve")) == 6
     assert panels[0].get_xscale() == "log" and panels[0].get_yscale() == "log"
     colors = {tuple(ln.get_color()) for ln in lines(panels[0], "curve")}
     assert len(colors) == 4  # one per n

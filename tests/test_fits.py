@@ -238,7 +238,11 @@ def test_fit_object_interval_holdout_serialisation_and_table():
         assert np.all(lows <= fit.predict(np.array([x, 2 * x]))) and lows.shape == (2,)
         d = json.loads(json.dumps(fit.to_dict(), allow_nan=False))
         assert set(d) == {"law", "formula", "params", "ci", "r2", "rmse_log", "n_points", "x_range", "holdout",
-                          "flagged"}
+                          "flagged", "runs", "group", "at_budget", "variables", "draws"}
+        back = Fit.from_dict(d)  # fits.json round trip: the same law, the same intervals
+        assert back.params == fit.params and back.formula == fit.formula and back.runs == fit.runs
+        assert back.predict(x) == pytest.approx(fit.predict(x), rel=1e-12)
+        assert back.predict_interval(x) == pytest.approx(fit.predict_interval(x), rel=1e-12)
     with pytest.raises(TypeError, match="predict takes n_latents"):
         lofn.predict(k=3)
     table = fits_table({"L(N)": lofn, "L(C)": loc})
@@ -246,3 +250,62 @@ def test_fit_object_interval_holdout_serialisation_and_table():
     assert {"a", "a_low", "a_high", "b", "c_high", "r2", "n_points", "holdout_max_rel_error"} <= set(table.columns)
     assert table.b.tolist() == [lofn.params["b"], loc.params["b"]]
     assert isinstance(lofn, Fit)
+
+
+# ---------------------------------------------------------------- which runs reach a law
+
+def lr_sweep_runs(seed=0, lrs=(1e-4, 3e-4, 1e-3), seeds=3, c=0.05, a=3.0, b=-0.3):
+    """At each width the middle lr reaches the law; the other lrs are worse by a factor that grows with n
+    (a too-large lr hurts wide SAEs most), so pooling every lr would flatten the exponent."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in 2 ** np.arange(10, 18):
+        for lr in lrs:
+            penalty = 1.0 if lr == lrs[1] else 1.0 + 0.08 * np.log2(n / 512)
+            for s in range(seeds):
+                y = (c + a * n ** b) * penalty * np.exp(0.01 * rng.standard_normal())
+                rows.append({"run_id": f"n{n}_lr{lr}_s{s}", "arch": "topk", "k": 32, "n_latents": int(n), "lr": lr,
+                             "seed": s, "nmse": y, "status": "ok"})
+    return pd.DataFrame(rows)
+
+
+def test_lofn_fits_each_width_at_its_best_lr_and_recovers_the_exponent():
+    runs = lr_sweep_runs()
+    fit = fit_lofn(runs, n_boot=50)
+    assert fit.ci["b"][0] <= -0.3 <= fit.ci["b"][1]
+    assert fit.params["b"] == pytest.approx(-0.3, abs=0.03)
+    assert sorted(fit.runs) == sorted(runs.run_id[runs.lr == 3e-4])  # every seed of the best lr, nothing else
+    assert fit.extra["excluded"]["n1024_lr0.001_s0"].startswith("lr 0.001 is not its cell's best lr")
+    pooled = fit_lofn(runs.assign(lr=3e-4), n_boot=0)  # what fitting every lr together gives: biased
+    assert abs(pooled.params["b"] + 0.3) > 3 * abs(fit.params["b"] + 0.3)
+
+
+def test_joint_fits_each_cell_at_its_best_lr():
+    good = joint_runs(0).assign(lr=1e-4)
+    bad = good.assign(lr=1e-3, run_id=good.run_id + "_bad", nmse=good.nmse * (1 + 0.1 * np.log2(good.n_latents / 4096)))
+    fit = fit_joint(pd.concat([good, bad], ignore_index=True), n_boot=0)
+    assert sorted(fit.runs) == sorted(good.run_id)
+    assert fit.params == pytest.approx(fit_joint(good, n_boot=0).params, rel=1e-9)
+
+
+def test_bootstrap_resamples_cells_not_seeds():
+    """Seeds that repeat a cell's value are one piece of evidence: copying every point 8 times must not
+    narrow the interval (resampling points would narrow it by about sqrt(8))."""
+    one = lofn_runs(seeds=1, noise=0.03)
+    many = pd.concat([one.assign(run_id=one.run_id + f"_s{s}", seed=s) for s in range(8)], ignore_index=True)
+    width = [np.diff(fit_lofn(r, n_boot=200).ci["b"])[0] for r in (one, many)]
+    assert width[1] == pytest.approx(width[0], rel=0.35)
+
+
+def test_loc_bootstrap_resamples_whole_runs():
+    """A run is one unit: the frontier points one run contributes are resampled together. Splitting each run's
+    curve into runs of its own (3 fake run ids per curve, same points) gives more units and must narrow the
+    interval; fit.runs names the runs on the frontier."""
+    curves = frontier_curves(noise=0.02)
+    split = curves.assign(run_id=curves.run_id + "_" + (curves.step % 3).astype(str))
+    fits = [fit_loc(c, x_min=1e-9, x_max=1e-5, n_boot=200) for c in (curves, split)]
+    assert fits[0].params == pytest.approx(fits[1].params, rel=1e-9)  # the same points, the same law
+    assert set(fits[0].runs) <= set(curves.run_id) and len(fits[0].runs) >= 10
+    width = [np.diff(f.ci["b"])[0] for f in fits]
+    assert fits[0].ci["b"][0] < LOC[2] < fits[0].ci["b"][1]
+    assert width[1] < 0.9 * width[0]

@@ -38,7 +38,7 @@ def test_shortened_quickstart_end_to_end(tmp_path, ray_local, capsys):
     assert main(["fit", str(sweep)]) == 0
     fits = json.loads((sweep / "fits" / "fits.json").read_text())["fits"]
     assert any(name.startswith("L(N) arch=topk, k=32") for name in fits)
-    assert any(name.startswith("L(n,k) topk") for name in fits)
+    assert any(name.startswith("L(n,k) arch=topk") for name in fits)
     assert (sweep / "fits" / "fits.parquet").is_file()
 
     assert main(["figures", str(sweep)]) == 0
