@@ -89,9 +89,10 @@ def fit_runs(runs: pd.DataFrame, curves: pd.DataFrame | None = None, laws: tuple
                 mine = mine[mine.tokens >= CURVE_START * mine.groupby("run_id").tokens.transform("max")]
             attempt("loc", s.group, lambda conv, mine=mine: fit_loc(mine, **boot))
         if "lr" in laws and "lr" in rows:
-            if (rows.groupby("n_latents").lr.nunique() >= 2).sum() >= 3:
+            swept = rows.groupby("n_latents").lr.nunique() >= 2  # widths with an lr sweep
+            if swept.sum() >= 3:
                 attempt("lr", s.group, lambda conv, rows=rows: fit_lr(rows, **boot))
-            elif rows.lr.nunique() >= 2:
+            elif swept.any():
                 skipped[f"{TITLES['lr']} {group_label(s.group)}"] = \
                     "needs at least 2 learning rates at each of at least 3 widths"
     if "joint" in laws and "k" in ok:

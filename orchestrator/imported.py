@@ -62,7 +62,7 @@ def import_saes(sweep_path: str | Path, folders: list[str | Path], results: str 
                        train={"seed": None, "batch_size": None, "train_tokens": None}, stream="")
         stream = SharedStream(data.source(layer, seed=spec.data_seed))
         started = now_utc()
-        ev = evaluate(sae, stream.eval_set())
+        ev = evaluate(sae, stream.eval_set(), layer_ids=stream.eval_layer_ids())  # per layer if multi-layer
         result = RunResult(status="ok", error=None, metrics=ev.metrics, curve=[], steps=None, tokens=None,
                            flops=None, lr=None, wall_seconds=None, device=str(sae.arch.W_dec.device), sae=sae)
         finish_run(spec, data, stream, ActiveRun(plan, None, None, started), result, None, store, layer, splicer)

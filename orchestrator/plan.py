@@ -61,23 +61,34 @@ def data_identity(spec: SweepSpec) -> dict:
 
 
 def _grid_points(spec: SweepSpec):
-    """Dicts of axis values: the product of the axes, each zip group counting as one axis."""
+    """(axis values, overrides) per grid point: the product of the axes, each zip group counting as one axis.
+    An architecture's list-valued overrides are its own axes: its points drop the grid's value of such a key
+    and take each of the list's values in turn (the copies this makes of a point are removed by run_id in
+    plan_runs); its scalar overrides are the same at every point."""
     zipped = {k for group in spec.zip for k in group}
     units = [[dict(zip(group, values)) for values in zip(*(spec.grid[k] for k in group))] for group in spec.zip]
     units += [[{key: v} for v in values] for key, values in spec.grid.items() if key not in zipped]
     for combo in itertools.product(*units):
-        yield {k: v for part in combo for k, v in part.items()}
+        point = {k: v for part in combo for k, v in part.items()}
+        override = spec.overrides.get(point["arch"], {})
+        lists = {k: v for k, v in override.items() if isinstance(v, list)}
+        if not lists:
+            yield point, override
+            continue
+        scalars = {k: v for k, v in override.items() if k not in lists}
+        base = {k: v for k, v in point.items() if k not in lists}
+        for values in itertools.product(*lists.values()):
+            yield base, {**scalars, **dict(zip(lists, values))}
 
 
 def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str = "sweep") -> list[RunPlan]:
     """Every run of the sweep, in grid order, duplicates (axes that do not apply) removed."""
     runs: dict[str, RunPlan] = {}
     identity = data_identity(spec)
-    for point in _grid_points(spec):
+    for point, override in _grid_points(spec):
         arch = point["arch"]
         own = sae_keys(arch)
         axes = {k: v for k, v in point.items() if k in SPECIAL_AXES or k in own or k in train_keys()}
-        override = spec.overrides.get(arch, {})
         values = {**axes, **override}
         sized = override if {"n_latents", "expansion_factor"} & set(override) else axes  # an override's size wins
         n = sized.get("n_latents") or round(sized["expansion_factor"] * d_in)
@@ -87,9 +98,11 @@ def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str 
             f" with overrides.{arch} {json.dumps(override, default=str)}" if override else "")
         try:
             sae_cfg = parse_sae_config(sae, source=source, prefix="")
+            # data.train_tokens is the pool of training vectors and the default budget; overrides.<arch>.
+            # train_tokens a family's own budget (its source cycles the pool in reshuffled epochs if larger)
             train = {**spec.train, **{k: v for k, v in values.items() if k in train_keys()},
-                     "train_tokens": spec.data.train_tokens, "lr": values.get("lr", "auto"),
-                     "seed": values.get("seed", 0)}
+                     "train_tokens": values.get("train_tokens", spec.data.train_tokens),
+                     "lr": values.get("lr", "auto"), "seed": values.get("seed", 0)}
             train_cfg = with_family_defaults(parse_train_config(train, source=source, prefix="train"),
                                              registry()[arch].train_defaults)
         except ConfigError as err:

@@ -8,7 +8,7 @@
     zip: [[n_latents, lr]]          # axes varied together instead of crossed
     sae: {normalization: unit_norm} # SAE keys for every architecture that takes them
     train: {batch_size: 4096}       # every trainer switch (sae_core.config.TrainConfig)
-    overrides: {relu: {lr: 5e-5}}   # per-architecture SAE or train keys
+    overrides: {relu: {lr: 5e-5}}   # per-architecture SAE or train keys; a list: that architecture's own axis
     eval: {downstream_tokens: 65536}
     trackers: {wandb: {project: my-project, mode: offline}, tensorboard: true}
     resources: {gpus: auto, cpus: 1}  # shards: 8, replicas: 2 train each run on 16 processes
@@ -20,6 +20,12 @@ The grid is the product of its axes (a `zip` group counting as one axis); an axi
 architectures whose config has that key (k to the TopK family, l1_coeff to the L1 family), so one grid mixes
 architectures; `n_latents` or `expansion_factor` (n = R * d_in) sizes the SAE; the hook's layers are one
 more axis (one SAE per layer) unless hook.multi_layer.
+
+`overrides.<arch>.<key>`: a scalar is that architecture's value (the grid's axis collapses to it); a list is
+that architecture's own axis, replacing the grid's axis of that key for it alone (or adding one), so each
+family can sweep its own grid (Gao et al. 2024, App. B.2: a different lambda and lr grid per baseline).
+`train_tokens` may be overridden too: the vectors that architecture's runs see, data.train_tokens being the
+pool they cycle through (in reshuffled epochs when the budget is larger) and the default budget.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ from sae_core.tracking import TrackersConfig
 
 SPECIAL_AXES = ("arch", "n_latents", "expansion_factor", "lr", "seed")
 _NOT_IN_TRAIN = {"train_tokens", "lr", "seed"}  # set by data.train_tokens and the grid
+_OVERRIDE_ONLY = {"lr", "seed", "n_latents", "expansion_factor", "train_tokens"}  # besides SAE and train keys
 _NOT_IN_SAE = {"arch", "d_in", "n_latents"}
 
 
@@ -169,17 +176,30 @@ class SweepSpec(BaseModel):
                                  f"{', '.join(sorted(set().union(*(sae_keys(a) for a in archs))))}")
         for key in self.train:
             if key not in train_keys():
-                hint = " (set by data.train_tokens)" if key == "train_tokens" else (
-                    " (a grid axis)" if key in _NOT_IN_TRAIN else _did_you_mean(key, sorted(train_keys())))
+                hint = (" (set by data.train_tokens; per architecture: overrides.<arch>.train_tokens)"
+                        if key == "train_tokens" else " (a grid axis)" if key in _NOT_IN_TRAIN
+                        else _did_you_mean(key, sorted(train_keys())))
                 raise ValueError(f"train.{key}: not a trainer key{hint}; allowed: {', '.join(sorted(train_keys()))}")
+        zip_group = {k: group for group in self.zip for k in group}
         for arch, keys in self.overrides.items():
             if arch not in archs:
                 raise ValueError(f"overrides.{arch}: not an architecture of the grid; allowed: {', '.join(archs)}")
-            allowed = sae_keys(arch) | train_keys() | {"lr", "seed", "n_latents", "expansion_factor"}
-            for key in keys:
+            allowed = sae_keys(arch) | train_keys() | _OVERRIDE_ONLY
+            for key, value in keys.items():
                 if key not in allowed:
                     raise ValueError(f"overrides.{arch}.{key}: does not apply to {arch}"
                                      f"{_did_you_mean(key, sorted(allowed))}; allowed: {', '.join(sorted(allowed))}")
+                if not isinstance(value, list):
+                    continue
+                if not value:
+                    raise ValueError(f"overrides.{arch}.{key}: an empty list; a list is {arch}'s own {key} axis, "
+                                     f"give at least one value (or a scalar)")
+                if key in zip_group:
+                    group = zip_group[key]
+                    raise ValueError(f"overrides.{arch}.{key}: a list makes {key} {arch}'s own axis, but {key} is "
+                                     f"zipped with {', '.join(k for k in group if k != key)} (zip: "
+                                     f"[{', '.join(group)}]); allowed: a scalar override of {key}, or {key} out of "
+                                     f"the zip group")
         for key in self.data.synthetic or {}:
             if key not in SYNTHETIC_KEYS:
                 hint = " (set by data.eval_tokens)" if key == "n_eval" else _did_you_mean(key, SYNTHETIC_KEYS)

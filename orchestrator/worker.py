@@ -44,6 +44,8 @@ class SharedStream(ActivationSource):
 
     def __init__(self, source: ActivationSource, keep: int = 4):
         self.source, self.keep, self.d_in = source, keep, source.d_in
+        # ActivationSource's defaults would shadow __getattr__: a multi-layer source's own are passed on
+        self.vectors_per_token = getattr(source, "vectors_per_token", 1)
         self.produced = 0  # batches actually read from the source
         self._recent: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
 
@@ -62,7 +64,10 @@ class SharedStream(ActivationSource):
     def sample(self, n: int) -> torch.Tensor:
         return self.train_batch(0, n)  # the same key in every trainer of the pack
 
-    def __getattr__(self, name):  # eval_layer_ids and the like of multi-layer sources
+    def eval_layer_ids(self) -> torch.Tensor | None:
+        return getattr(self.source, "eval_layer_ids", lambda: None)()
+
+    def __getattr__(self, name):  # the rest of the source's attributes
         return getattr(self.source, name)
 
 
@@ -91,16 +96,18 @@ def now_utc() -> datetime:
 
 
 def run_row(spec: SweepSpec, plan: RunPlan, result: RunResult | None, evaluation: dict, started: datetime,
-            error: str | None = None) -> dict:
-    """The runs-table row of one run (columns in README and SPEC.md)."""
-    layers = spec.hook.layers if plan.layer is None else [plan.layer]
+            error: str | None = None, hooked: list[int] | None = None) -> dict:
+    """The runs-table row of one run (columns in README and SPEC.md). hooked: the hooked layers resolved
+    (hook.layers `all` made a list by ActivationData.prepare); without it `all` is written as it is."""
+    layers = (hooked or spec.hook.layers) if plan.layer is None else [plan.layer]
+    layers = layers if isinstance(layers, str) else ",".join(map(str, layers))
     row = {
         "run_id": plan.run_id, "sweep": spec.name, "status": result.status if result else "failed",
         "error": (result.error if result else None) or error, "arch": plan.arch, "n_latents": plan.n_latents,
         "expansion_factor": plan.axes.get("expansion_factor"), "k": plan.sae.get("k"),
         "lr": result.lr if result else None, "l1_coeff": plan.sae.get("l1_coeff"), "seed": plan.train["seed"],
         "model": spec.model, "hook": spec.hook.site if spec.data.has_model else None, "layer": plan.layer,
-        "layers": ",".join(map(str, layers)) if spec.data.has_model else None, "d_in": plan.sae["d_in"],
+        "layers": layers if spec.data.has_model else None, "d_in": plan.sae["d_in"],
         "batch_size": plan.train["batch_size"],
         "tokens": result.tokens if result else None, "steps": result.steps if result else None,
         "flops": result.flops if result else None, "wall_seconds": result.wall_seconds if result else None,
@@ -221,7 +228,7 @@ def finish_run(spec: SweepSpec, data: ActivationData, stream: SharedStream, run:
         layer_ids = stream.eval_layer_ids() if layer is None and spec.data.has_model else None
         evaluation = evaluate_run(result.sae, stream.eval_set(), spec.eval, layers, downstream, reason,
                                   layer_ids=layer_ids, l0=result.metrics["l0"])
-    row = run_row(spec, run.plan, result, evaluation.metrics, run.started, error)
+    row = run_row(spec, run.plan, result, evaluation.metrics, run.started, error, data.layers)
     store.write_run(row, result.curve if result else [], evaluation.layers, evaluation.recovery)
     if run.trackers is not None:
         run.trackers.finish({k: v for k, v in row.items() if k not in ("started_at", "finished_at")})

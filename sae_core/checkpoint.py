@@ -36,6 +36,7 @@ class TrainerState:
     tokens: int = 0
     flops: float = 0.0
     mse_scale: float = 1.0
+    input_rms: float = 1.0  # sqrt(E||x||^2) of the normalised init sample (StepContext.input_rms)
     fingerprint: str = ""
     loss_scale: float = 1.0  # fp16 autocast's dynamic loss scale, and the finite steps since it last changed
     loss_scale_good_steps: int = 0

@@ -151,13 +151,14 @@ class ActivationData:
 
     def activation_flops(self) -> float | None:
         """FLOPs of generating the activations once: 2 x the parameters of the blocks up to the deepest hooked
-        layer x (train + eval) tokens (attention scores, O(context) per token, left out). None without a model."""
+        layer x (train + eval) token positions (attention scores, O(context) per token, left out); one forward
+        gives every hooked layer's vector of a position, so a multi-layer SAE's pool costs the same. None
+        without a model."""
         if not self.data.has_model:
             return None
         extractor = ActivationExtractor(self._load().model, self.hook.site, self.layers)
         params = sum(p.numel() for block in extractor.blocks[:max(self.layers) + 1] for p in block.parameters())
-        tokens = (self.data.train_tokens + self.data.eval_tokens) / (len(self.layers) if self.hook.multi_layer else 1)
-        return 2.0 * params * tokens
+        return 2.0 * params * (self.data.train_tokens + self.data.eval_tokens)
 
     def hook_meta(self) -> dict | None:
         """What an SAE trained on these activations reads, saved with it so evaluation can check the match."""

@@ -20,12 +20,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generator
+from typing import Callable, Generator, Iterator
 
 import torch
 
 from sae_core.architectures import LossOutput, SAEConfig, StepContext, parse_sae_config
-from sae_core.architectures.base import registry
+from sae_core.architectures.base import input_rms, registry
 from sae_core.checkpoint import TrainerState, has_checkpoint, load_checkpoint, save_checkpoint
 from sae_core.config import TrainConfig, parse_train_config, with_family_defaults
 from sae_core.errors import ConfigError
@@ -138,7 +138,8 @@ class Trainer:
         self.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     # --- setup -----------------------------------------------------------------------------
-    def _init_from_data(self, sae: SAE) -> float:
+    def _init_from_data(self, sae: SAE) -> tuple[float, float]:
+        """Initialise the SAE from the init sample; return mse_scale and input_rms (StepContext)."""
         cfg = self.cfg
         sample, _ = normalize(self.source.sample(cfg.init_samples).to(torch.float64), self.sae_cfg.normalization)
         sae.arch.reset_parameters(cfg.tied_init, cfg.seed)
@@ -149,7 +150,7 @@ class Trainer:
                 sae.arch.b_pre.copy_(sample.mean(dim=0))
             self._scale_encoder(sae, sample[:FIT_SAMPLES].to(sae.arch.W_dec.dtype))
         variance = float((sample - sample.mean(dim=0)).pow(2).sum(dim=1).mean())
-        return 1.0 / variance if variance > 0 else 1.0
+        return 1.0 / variance if variance > 0 else 1.0, input_rms(sample, self.sae_cfg.normalization)
 
     def _scale_encoder(self, sae: SAE, x: torch.Tensor) -> None:
         """A random tied encoder's latents are too large by a factor that depends on d, n and k (the initial
@@ -187,7 +188,8 @@ class Trainer:
     # --- evaluation helpers ------------------------------------------------------------------
     @torch.no_grad()
     def _load_ema(self, sae: SAE, ema: dict[str, torch.Tensor], step: int) -> None:
-        """Copy the bias-corrected EMA weights (Kingma and Ba's correction, as in seed 000) into the SAE."""
+        """Copy the bias-corrected EMA weights (Kingma and Ba's correction, as in Gao et al. 2024, §A.5) into
+        the SAE."""
         correction = 1.0 - self.cfg.ema_decay ** max(step, 1)
         for k, p in sae.arch.named_parameters():
             p.copy_(ema[k] / correction)
@@ -205,13 +207,16 @@ class Trainer:
                 for k, p in params.items():
                     p.copy_(saved[k])
 
-    def _evaluate(self, sae: SAE, x: torch.Tensor, ema, step) -> tuple[Evaluation, bool]:
-        """Held-out evaluation of the raw weights, or of the EMA weights where they are better (seed 000)."""
-        raw = evaluate(sae, x, self.cfg.eval_batch_size)
+    def _evaluate(self, sae: SAE, x: torch.Tensor, ema, step,
+                  layer_ids: torch.Tensor | None = None) -> tuple[Evaluation, bool]:
+        """Held-out evaluation of the raw weights, or of the EMA weights where they are better (Gao et al. 2024,
+        §A.5: the min of the two validation losses).
+        layer_ids (multi-layer SAEs): nmse is the mean over layers of each layer's FVU (evaluate())."""
+        raw = evaluate(sae, x, self.cfg.eval_batch_size, layer_ids=layer_ids)
         if not ema:  # empty when EMA is off
             return raw, False
         with self._ema_weights(sae, ema, step):
-            averaged = evaluate(sae, x, self.cfg.eval_batch_size)
+            averaged = evaluate(sae, x, self.cfg.eval_batch_size, layer_ids=layer_ids)
         if averaged.metrics["nmse"] < raw.metrics["nmse"]:
             averaged.metrics["nmse_raw"] = raw.metrics["nmse"]
             return averaged, True
@@ -232,7 +237,8 @@ class Trainer:
                 raise ConfigError(f"{self.out_dir}: its checkpoint belongs to a different config; delete it or use "
                                   "another out_dir")
         else:
-            st = TrainerState(mse_scale=self._init_from_data(sae), fingerprint=self.fingerprint,
+            mse_scale, rms = self._init_from_data(sae)
+            st = TrainerState(mse_scale=mse_scale, input_rms=rms, fingerprint=self.fingerprint,
                               loss_scale=INITIAL_SCALE if cfg.autocast == "fp16" else 1.0)
             tsf = torch.zeros(sae.arch.n_local, dtype=torch.int64, device=device)
             ema = {k: torch.zeros_like(p) for k, p in sae.arch.named_parameters()} if cfg.ema_decay else {}
@@ -265,7 +271,8 @@ class Trainer:
         sae, st, B = session.sae, session.state, cfg.batch_size
         total = cfg.steps()
         eval_x = self.source.eval_set()
-        curve_x = eval_x[: cfg.curve_eval_tokens]
+        eval_ids = getattr(self.source, "eval_layer_ids", lambda: None)()  # multi-layer SAEs: each vector's layer
+        curve_x, curve_ids = curve_subset(eval_x, eval_ids, cfg.curve_eval_tokens)
         sample_at = set(curve_steps(total, B, cfg.curve_points_per_decade))
         every = max(1, math.ceil((cfg.checkpoint_every_tokens or math.ceil(cfg.train_tokens / 10)) / B))
         stop_at = total if max_steps is None else min(total, st.step + max_steps)
@@ -278,7 +285,7 @@ class Trainer:
                 error = f"loss became non-finite at step {st.step} (tokens {st.tokens}); last good checkpoint kept"
                 break
             if st.step in sample_at:
-                m = self._evaluate(sae, curve_x, session.ema, st.step)[0].metrics
+                m = self._evaluate(sae, curve_x, session.ema, st.step, curve_ids)[0].metrics
                 # loss terms first: a family's term can never shadow a held-out column of the same name
                 row = {**self._replica_mean(out.terms),
                        "step": st.step, "tokens": st.tokens, "flops": st.flops, "nmse": m["nmse"], "l0": m["l0"],
@@ -292,10 +299,15 @@ class Trainer:
 
         if status == "ok" and st.step < total:
             status = "stopped"
-        final, ema_used = self._evaluate(sae, eval_x, session.ema, st.step)
-        metrics = {**final.metrics, "dead_frac": session.dead_frac()}
+        session.finalize()  # the family's post-training estimates (BatchTopK's threshold) for these weights
+        final, ema_used = self._evaluate(sae, eval_x, session.ema, st.step, eval_ids)
         if ema_used:  # keep the better weights as the run's SAE
             self._load_ema(sae, session.ema, st.step)
+            if session.finalize():  # re-estimated for the EMA weights: report (and save stats of) the SAE kept
+                again = self._evaluate(sae, eval_x, {}, st.step, eval_ids)[0]
+                again.metrics["nmse_raw"] = final.metrics["nmse_raw"]
+                final = again
+        metrics = {**final.metrics, "dead_frac": session.dead_frac()}
         whole = self._consolidated(sae)  # None on every rank but the leader
         result = RunResult(status=status, error=error, metrics=metrics, curve=list(st.curve), steps=st.step,
                            tokens=st.tokens, flops=st.flops, lr=session.base_lr, wall_seconds=time.time() - t_start,
@@ -373,9 +385,25 @@ class TrainingSession:
         self.tokens_since_fired[dead] = 0
         return int(dead.numel())
 
+    def training_batches(self) -> Iterator[torch.Tensor]:
+        """This replica's normalised rows of the run's training batches, the last first (re-read: a source is a
+        pure function of the step), one at a time as the consumer asks."""
+        tr, mesh, B = self.trainer, self.trainer.mesh, self.trainer.cfg.batch_size
+        for step in range(self.state.step - 1, -1, -1):
+            batch = tr.source.train_batch(step, B)[mesh.batch_rows(B)].to(tr.device, non_blocking=True)
+            yield normalize(batch, tr.sae_cfg.normalization)[0]
+
+    @torch.no_grad()
+    def finalize(self) -> bool:
+        """Architecture.finalize with the current weights (every rank alike); whether it changed anything."""
+        return bool(self.sae.arch.finalize(self.training_batches()))
+
     def dead_mask(self) -> torch.Tensor:
-        """Latents unfired for dead_window_tokens."""
-        return self.tokens_since_fired >= self.trainer.cfg.dead_window_tokens
+        """Latents unfired for dead_window_tokens tokens. Gao et al. (2024), B.2: "We consider a feature dead
+        if it does not activate for 10 million tokens". The counter is in vectors, and a multi-layer SAE sees
+        one vector per layer of each token, so its window is dead_window_tokens x the number of layers."""
+        window = self.trainer.cfg.dead_window_tokens * getattr(self.trainer.source, "vectors_per_token", 1)
+        return self.tokens_since_fired >= window
 
     def dead_count(self) -> int:
         """Dead latents over all shards."""
@@ -398,7 +426,8 @@ class TrainingSession:
         x, _ = normalize(batch[mesh.batch_rows(batch.shape[0])].to(tr.device, non_blocking=True),
                          tr.sae_cfg.normalization)
         dead = self.dead_mask().nonzero().squeeze(1)
-        ctx = StepContext(mse_scale=st.mse_scale, dead_latents=dead if dead.numel() else None,
+        ctx = StepContext(mse_scale=st.mse_scale, input_rms=st.input_rms,
+                          dead_latents=dead if dead.numel() else None,
                           dead_total=self.dead_count(), progress=st.step / cfg.steps(), selection=tr.selection,
                           mesh=mesh)
         with tr._autocast():
@@ -447,6 +476,20 @@ class TrainingSession:
         self.opt.step()
         if self.constrain:
             _renormalize_rows(arch.W_dec)
+
+
+def curve_subset(x: torch.Tensor, layer_ids: torch.Tensor | None,
+                 n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The held-out vectors of the curve points: the first n; for a multi-layer SAE (layer_ids given; its
+    set is layer-major) n split equally over the layers (the first ones of each, the same tokens in every
+    layer), so a curve point's nmse is the mean over layers like the final one's, not the first layer's."""
+    if layer_ids is None:
+        return x[:n], None
+    layers = torch.unique(layer_ids)
+    per, extra = divmod(n, len(layers))
+    rows = torch.cat([(layer_ids == layer).nonzero().squeeze(1)[:per + (i < extra)]
+                      for i, layer in enumerate(layers.tolist())])
+    return x[rows], layer_ids[rows]
 
 
 @torch.no_grad()

@@ -91,3 +91,13 @@ def ray_local(_ray_local_session):
         ray.init(**RAY_LOCAL_OPTIONS)
         state["gcs"] = ray.get_runtime_context().gcs_address
     return ray
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A glob of 40 small text files (TINY_TEXT) for the `data.text.files` source."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i, text in enumerate(TINY_TEXT[:40]):
+        (folder / f"doc{i:03d}.txt").write_text(text)
+    return str(folder / "*.txt")

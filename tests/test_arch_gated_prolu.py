@@ -12,7 +12,7 @@ from sae_core.architectures.prolu import prolu
 from sae_core.sources import SyntheticSource
 
 D, N, B = 16, 64, 48
-CTX = StepContext(mse_scale=0.7, progress=0.5)
+CTX = StepContext(mse_scale=0.7, input_rms=1.3, progress=0.5)
 SMALL = SyntheticSource(d_in=D, n_features=64, active_per_vector=3, noise_std=0.01, seed=0, n_eval=1024)
 
 
@@ -40,9 +40,11 @@ def fvu(x, x_hat):
 
 
 def l1_ref(acts, W_dec, cfg):
+    """lambda ||z||_1 of Gao et al. eq. 1 (lambda in the units of unit-RMS-norm inputs, so times input_rms),
+    times the FVU's constant mse_scale, as the whole loss is."""
     warm = min(1.0, CTX.progress / cfg.l1_warmup_frac)
     w = W_dec.detach().norm(dim=1) if cfg.l1_decoder_norm else torch.ones(N, dtype=acts.dtype)
-    return cfg.l1_coeff * warm * math.sqrt(CTX.mse_scale) * (acts.abs() * w).sum() / acts.shape[0]
+    return CTX.mse_scale * cfg.l1_coeff * warm * CTX.input_rms * (acts.abs() * w).sum(dim=1).mean()
 
 
 def gated_ref(p, x, cfg, frozen=True):

@@ -9,6 +9,7 @@ import torch
 from sae_core import SAE, ConfigError, Trainer
 from sae_core.architectures import StepContext, parse_sae_config
 from sae_core.architectures.jumprelu import JumpReLUFunction, StepFunction
+from sae_core.normalization import normalize
 from sae_core.sources import ActivationSource, SyntheticSource
 
 D, N = 16, 40
@@ -92,11 +93,14 @@ def test_ste_gradients_match_the_paper_formulas():
     assert not dh.any()  # the L0 term trains θ only
 
 
-def test_threshold_gradient_from_the_whole_loss_matches_the_closed_form():
-    """The gradient the optimizer sees on θ, from reconstruction and L0 terms together, against the formulas."""
-    eps, c, scale = 2.0, 0.07, 0.37  # a wide window (h spreads over ~±6): most latents get a gradient
-    arch, x = random_arch(seed=2, bandwidth=eps, l0_coeff=c)
-    arch.loss(x, StepContext(mse_scale=scale)).loss.backward()
+@pytest.mark.parametrize("bandwidth, rms", [(2.0, 1.0), (0.5, 4.0)])
+def test_threshold_gradient_from_the_whole_loss_matches_the_closed_form(bandwidth, rms):
+    """The gradient the optimizer sees on θ, from reconstruction and L0 terms together, against the formulas,
+    with ε = bandwidth * input_rms (the bandwidth is in units of inputs of unit mean squared norm)."""
+    c, scale = 0.07, 0.37
+    eps = bandwidth * rms  # 2: a wide window (h spreads over ~±6): most latents get a gradient
+    arch, x = random_arch(seed=2, bandwidth=bandwidth, l0_coeff=c)
+    arch.loss(x, StepContext(mse_scale=scale, input_rms=rms)).loss.backward()
     with torch.no_grad():
         theta = arch.threshold
         h = arch.preactivation(x)
@@ -107,10 +111,48 @@ def test_threshold_gradient_from_the_whole_loss_matches_the_closed_form():
     assert K.any(dim=0).double().mean() > 0.8
     torch.testing.assert_close(arch.threshold.grad, dL_dtheta, rtol=1e-10, atol=1e-14)
     # the L0 term reaches only θ: the encoder's gradient is the reconstruction's alone
-    no_l0 = random_arch(seed=2, bandwidth=eps, l0_coeff=0.0)[0]
-    no_l0.loss(x, StepContext(mse_scale=scale)).loss.backward()
+    no_l0 = random_arch(seed=2, bandwidth=bandwidth, l0_coeff=0.0)[0]
+    no_l0.loss(x, StepContext(mse_scale=scale, input_rms=rms)).loss.backward()
     for name in ("W_enc", "b_enc"):
         torch.testing.assert_close(getattr(arch, name).grad, getattr(no_l0, name).grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["unit_norm", "standardize", "none"])
+def test_bandwidth_scales_with_the_input_normalisation(kind):
+    """The trainer's ε is bandwidth x sqrt(E||x||^2) of the normalised inputs: bandwidth itself on unit-norm
+    inputs (the paper's units, E||x||^2 = 1), x sqrt(d_in) = 4 under standardize, x the measured RMS norm
+    under none. Checked on the θ gradient of a training step's loss against the closed form in float64."""
+    src = SyntheticSource(d_in=D, n_features=64, seed=0, n_eval=256)
+    bandwidth = 0.05
+    session = Trainer(cfg(normalization=kind, bandwidth=bandwidth, l0_coeff=0.0),
+                      {"train_tokens": 512, "batch_size": 256, "init_samples": 1024}, src).start()
+    seen = {}
+    arch = session.sae.arch
+    real = arch.loss
+    arch.loss = lambda x, ctx: (seen.update(ctx=ctx, x=x), real(x, ctx))[1]
+    session.step(src.train_batch(0, 256))
+    ctx, x = seen["ctx"], seen["x"].double()
+    sample = normalize(src.sample(1024).double(), kind)[0]
+    rms = {"unit_norm": 1.0, "standardize": math.sqrt(D), "none": float(sample.pow(2).sum(1).mean().sqrt())}[kind]
+    assert ctx.input_rms == pytest.approx(rms, rel=1e-9)
+    eps = bandwidth * rms
+    ref = SAE(cfg(normalization=kind, bandwidth=bandwidth, l0_coeff=0.0)).arch.double()
+    ref.load_state_dict(arch.state_dict())
+    with torch.no_grad():  # thresholds spread over the pre-activations, so some sit near them
+        h = ref.preactivation(x)
+        ref.threshold.copy_(h.quantile(0.7, dim=0))
+    ref.loss(x, ctx).loss.backward()
+    with torch.no_grad():
+        theta = ref.threshold
+        z = h * (h > theta)
+        dL_dz = ctx.mse_scale * 2 / x.shape[0] * (z @ ref.W_dec + ref.b_pre - x) @ ref.W_dec.T
+        K = (((h - theta) / eps).abs() < 0.5).double()
+        want = (dL_dz * -(theta / eps) * K).sum(dim=0)
+        wrong = (dL_dz * -(theta / bandwidth) * ((((h - theta) / bandwidth).abs() < 0.5).double())).sum(dim=0)
+    assert K.sum() > 0
+    torch.testing.assert_close(ref.threshold.grad, want, rtol=1e-9, atol=1e-12)
+    if kind != "unit_norm":  # the unscaled bandwidth would give another gradient: the test sees the scaling
+        assert not torch.allclose(want, wrong, rtol=1e-3, atol=0)
 
 
 class PooledSynthetic(ActivationSource):

@@ -9,17 +9,6 @@ from sae_core.errors import DataError
 from sae_core.sources.multilayer import MultiLayerSource
 from sae_core.sources.streaming import StreamingActivations
 
-from conftest import TINY_TEXT
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i, text in enumerate(TINY_TEXT[:40]):
-        (folder / f"doc{i:03d}.txt").write_text(text)
-    return str(folder / "*.txt")
-
 
 def make(tiny_models, tmp_path, corpus, **kw):
     hook = HookConfig(**kw.pop("hook", {"site": "resid_post", "layers": [0, 2]}))

@@ -1,6 +1,7 @@
 """The sweep YAML contract: every malformed sweep in tests/bad_sweeps/ fails with one clear message naming
 the file, the key and what is allowed, before any work (no Ray, nothing written); planning (grid product,
-zip, overrides, stable run ids, packs, FLOPs); the JSON Schema; and the dry run of a valid sweep."""
+zip, overrides, stable run ids, packs, FLOPs); the JSON Schema; and the dry run of a valid sweep. List-valued
+(per-architecture) overrides and per-architecture budgets: tests/test_plan_overrides.py."""
 from __future__ import annotations
 
 import json
@@ -69,7 +70,11 @@ CASES: dict[str, list[str]] = {
     "overrides_arch_not_in_grid": ["overrides.relu: not an architecture of the grid", "allowed: topk"],
     "overrides_key_not_applicable": ["overrides.relu.k: does not apply to relu", "allowed:", "l1_coeff"],
     "overrides_bad_value": ["l1_coeff", "greater than or equal to 0", "(got -1)", 'overrides.relu {"l1_coeff": -1}'],
-    "train_train_tokens": ["train.train_tokens", "set by data.train_tokens", "allowed: adam_beta1"],
+    "overrides_list_empty": ["overrides.relu.l1_coeff: an empty list", "give at least one value"],
+    "overrides_list_zipped": ["overrides.relu.lr: a list makes lr relu's own axis", "zipped with n_latents",
+                              "allowed: a scalar override of lr"],
+    "train_train_tokens": ["train.train_tokens", "set by data.train_tokens", "overrides.<arch>.train_tokens",
+                           "allowed: adam_beta1"],
     "train_lr": ["train.lr", "a grid axis"],
     "two_data_sources": ["data:", "exactly one of data.text (with model), data.activations or data.synthetic",
                          "got activations, synthetic"],

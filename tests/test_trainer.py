@@ -73,29 +73,50 @@ def test_auxk_revives_dead_latents():
     assert dead[1 / 32] < dead[0.0] - 0.1, dead
 
 
-def test_auxk_loss_per_batch_normalisation_and_nan_safety():
-    cfg = parse_sae_config(topk_cfg(k=2, k_aux=4, aux_coeff=0.5))
-    sae = SAE(cfg)
+@pytest.mark.parametrize("normalization", ["batch", "token"])
+def test_auxk_loss_normalisation_matches_float64_reference_and_is_nan_safe(normalization):
+    """batch: the reference code's sum ||e - ê||^2 / sum ||e - mean(e)||^2; token: Gao et al. §A.6's per-token
+    normaliser, mean_b ||e_b - ê_b||^2 / ||e_b||^2. Both against a dense float64 re-computation."""
+    cfg = parse_sae_config(topk_cfg(k=2, k_aux=4, aux_coeff=0.5, aux_normalization=normalization))
+    sae = SAE(cfg).double()
     sae.arch.reset_parameters(True, 0)
-    x = torch.randn(32, 16)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # b_pre far from 0: the per-token normaliser must be ||e||, not ||e + b_pre||
+        sae.arch.b_pre.copy_(torch.randn(16, generator=gen, dtype=torch.float64) * 3)
+        sae.arch.b_enc.copy_(torch.randn(64, generator=gen, dtype=torch.float64) * 0.1)
+    x = torch.randn(32, 16, generator=gen, dtype=torch.float64) * 2
     dead = torch.arange(10, 30)
     out = sae.arch.loss(x, StepContext(mse_scale=0.3, dead_latents=dead))
     # dense re-computation of the same quantities
-    pre = (x - sae.arch.b_pre) @ sae.arch.W_enc.T + sae.arch.b_enc
+    a = sae.arch
+    pre = (x - a.b_pre) @ a.W_enc.T + a.b_enc
     top = pre.topk(2).indices
     z = torch.zeros_like(pre).scatter(1, top, pre.gather(1, top)).relu()
-    e = x - (z @ sae.arch.W_dec + sae.arch.b_pre)
+    e = x - (z @ a.W_dec + a.b_pre)
     sub = pre[:, dead]
     at = sub.topk(4).indices
     za = torch.zeros_like(sub).scatter(1, at, sub.gather(1, at)).relu()
-    e_hat = za @ sae.arch.W_dec[dead]
-    aux = ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
+    e_hat = za @ a.W_dec[dead]
+    err = ((e - e_hat) ** 2).sum(1)
+    by_batch = err.sum() / ((e - e.mean(0)) ** 2).sum()
+    by_token = (err / (e ** 2).sum(1)).mean()
+    aux = by_batch if normalization == "batch" else by_token
+    assert abs(float((by_batch - by_token).detach())) > 1e-3 * float(by_batch.detach())  # the two readings differ here
     mse = 0.3 * (e ** 2).sum(1).mean()
-    torch.testing.assert_close(out.terms["aux_loss"], aux.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.loss.detach(), (mse + 0.5 * aux).detach(), rtol=1e-5, atol=1e-6)
-    # one row: the residual has zero variance over the batch -> NaN ratio, which must become 0
-    out1 = sae.arch.loss(x[:1], StepContext(mse_scale=0.3, dead_latents=dead))
-    assert math.isfinite(float(out1.loss.detach())) and float(out1.terms["aux_loss"]) == 0.0
+    torch.testing.assert_close(out.terms["aux_loss"], aux.detach(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(out.loss.detach(), (mse + 0.5 * aux).detach(), rtol=1e-10, atol=0)
+    # a zero normaliser (one row has no variance over the batch; a perfectly reconstructed token has no
+    # residual) contributes 0, never NaN
+    if normalization == "batch":
+        out1 = a.loss(x[:1], StepContext(mse_scale=0.3, dead_latents=dead))
+        assert math.isfinite(float(out1.loss.detach())) and float(out1.terms["aux_loss"]) == 0.0
+    else:
+        e0 = e.clone()
+        e0[3] = 0.0
+        got = a.aux_loss(e0, e_hat, StepContext(mse_scale=0.3))
+        keep = torch.ones(32, dtype=torch.bool)
+        keep[3] = False
+        torch.testing.assert_close(got, (err / (e ** 2).sum(1))[keep].sum() / 32, rtol=1e-10, atol=0)
 
 
 def test_multi_topk_loss_is_lk_plus_l4k_over_8():
@@ -281,3 +302,100 @@ def test_fitted_encoder_scale_is_the_least_squares_factor_of_the_initial_reconst
     assert s < 1 and after < before
     if arch["arch"] == "relu":  # the plain tied ReLU init reconstructs worse than b_pre alone; the fitted one better
         assert before > baseline > after
+
+
+# --- recipes -------------------------------------------------------------------------------------
+GAO2024 = {"batch_size": 131072, "ema_decay": 0.999, "init_encoder_scale": 1.0, "topk_select": "exact",
+           "grad_clip": None}
+
+
+def test_recipe_gao2024_resolves_to_the_papers_values():
+    from sae_core.config import RECIPES, parse_train_config
+
+    assert RECIPES["gao2024"] == GAO2024
+    default = parse_train_config({"train_tokens": 1000})
+    paper = parse_train_config({"train_tokens": 1000, "recipe": "gao2024"})
+    assert default.recipe == "default" and paper.recipe == "gao2024"
+    assert {k: getattr(paper, k) for k in GAO2024} == GAO2024
+    assert (default.batch_size, default.ema_decay, default.init_encoder_scale) == (4096, None, "fit")
+    # every other key is the default's
+    same = set(TrainConfig.model_fields) - set(GAO2024) - {"recipe"}
+    assert {k: getattr(paper, k) for k in same} == {k: getattr(default, k) for k in same}
+    # resolved: the dump names every value, and reads back to the same config
+    assert parse_train_config(paper.model_dump()) == paper
+    assert paper.model_dump()["batch_size"] == 131072
+
+
+def test_recipe_yields_to_keys_set_explicitly_and_to_the_familys_own_settings():
+    from sae_core.config import parse_train_config, with_family_defaults
+
+    cfg = parse_train_config({"train_tokens": 1000, "recipe": "gao2024", "batch_size": 256, "ema_decay": None})
+    assert (cfg.batch_size, cfg.ema_decay, cfg.init_encoder_scale) == (256, None, 1.0)
+    assert cfg.model_fields_set == {"train_tokens", "recipe", "batch_size", "ema_decay"}
+    # a family's own training setting (JumpReLU's beta1 = 0) applies where the user set nothing
+    fam = with_family_defaults(cfg, {"adam_beta1": 0.0, "init_encoder_scale": 2.0, "batch_size": 8})
+    assert (fam.adam_beta1, fam.init_encoder_scale, fam.batch_size) == (0.0, 2.0, 256)
+    # the trainer resolves it too, and the run's identity changes with what the recipe changes
+    sae = topk_cfg()
+    plain = Trainer(sae, {"train_tokens": 512, "batch_size": 256}, SMALL)
+    paper = Trainer(sae, {"train_tokens": 512, "batch_size": 256, "recipe": "gao2024"}, SMALL)
+    assert paper.cfg.ema_decay == 0.999 and paper.cfg.init_encoder_scale == 1.0
+    assert plain.fingerprint != paper.fingerprint
+
+
+@pytest.mark.parametrize("recipe", ["gao", "GAO2024", "paper"])
+def test_unknown_recipe_is_refused_with_the_allowed_names(recipe):
+    from sae_core.config import parse_train_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_train_config({"train_tokens": 1000, "recipe": recipe}, source="sweep.yaml")
+    msg = str(err.value)
+    assert "sweep.yaml: train.recipe:" in msg and "'default'" in msg and "'gao2024'" in msg and recipe in msg
+
+
+@pytest.mark.parametrize("kind", ["unit_norm", "standardize", "none"])
+def test_input_rms_of_each_normalisation_reaches_the_step_context(kind):
+    """sqrt(E||x||^2) of the normalised init sample: 1 (unit_norm), sqrt(d_in) (standardize), measured (none);
+    kept in the trainer state (checkpoints) and handed to every loss."""
+    trainer = Trainer(topk_cfg(normalization=kind), train_cfg(init_samples=2048), SMALL)
+    session = trainer.start()
+    x = normalize(SMALL.sample(2048).double(), kind)[0]
+    measured = float(x.pow(2).sum(1).mean().sqrt())
+    want = {"unit_norm": 1.0, "standardize": 4.0, "none": measured}[kind]
+    assert session.state.input_rms == pytest.approx(want, rel=1e-9)
+    assert measured == pytest.approx(want, rel=1e-6)  # the analytic values are what a measurement gives
+    if kind == "none":
+        assert not 0.9 < measured < 1.1  # the synthetic data is not unit-norm: the test can see the difference
+    seen = {}
+    arch = session.sae.arch
+    real = arch.loss
+    arch.loss = lambda x, ctx: (seen.setdefault("rms", ctx.input_rms), real(x, ctx))[1]
+    session.step(SMALL.train_batch(0, 256))
+    assert seen["rms"] == session.state.input_rms
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_per_token_auxk_and_batchtopk_threshold_are_the_same_on_two_shards_by_two_replicas(arch):
+    """AuxK normalised per token (each replica averages its rows; the trainer averages the replicas) and
+    BatchTopK's post-training threshold (the cut over every shard's latents and every replica's rows) give the
+    single process's SAE on S = 2 shards x R = 2 replicas."""
+    from sae_core.parallel.launch import run_local_group, train_local
+
+    src = SyntheticSource(d_in=16, n_features=64, n_eval=512, seed=0)
+    sae_cfg = {"arch": arch, "d_in": 16, "n_latents": 256, "k": 2, "k_aux": 8, "normalization": "none",
+               "aux_normalization": "token"}
+    train = {"train_tokens": 256 * 8, "batch_size": 256, "lr": 1e-3, "init_samples": 512, "dead_window_tokens": 256,
+             "topk_select": "exact", "ema_decay": 0.9}
+    ref = Trainer(sae_cfg, train, src).run()
+    assert any(row.get("aux_loss", 0) > 0 for row in ref.curve)
+    out = run_local_group(train_local, 4, (2, sae_cfg, train, src))
+    weights = out[0]["weights"]
+    for k, v in ref.sae.arch.state_dict().items():
+        assert float((weights[k].double() - v.double()).abs().max()) < 1e-5, k
+    for o in out:
+        assert o["metrics"]["nmse"] == pytest.approx(ref.metrics["nmse"], abs=1e-6)
+        assert [r.get("aux_loss", 0) for r in o["curve"]] == pytest.approx([r.get("aux_loss", 0) for r in ref.curve],
+                                                                            abs=1e-5)
+    if arch == "batchtopk":
+        assert float(ref.sae.arch.threshold) > 0 and float(weights["threshold"]) == pytest.approx(
+            float(ref.sae.arch.threshold), rel=1e-5)

@@ -10,7 +10,7 @@ directions. Every other parameter is indexed by latent along its first dimension
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Iterator, Literal
 
 import math
 
@@ -57,6 +57,9 @@ class StepContext:
     """What the trainer tells the architecture about the current step."""
 
     mse_scale: float  # 1 / E||x - mean(x)||^2 on the init sample: makes the main loss an FVU
+    # sqrt(E||x||^2) of the normalised inputs (input_rms): hyperparameters given in the units of inputs of
+    # unit mean squared norm (the L1 coefficient, JumpReLU's bandwidth) are multiplied by it
+    input_rms: float = 1.0
     dead_latents: torch.Tensor | None = None  # this shard's latents dead by the trainer's window (local indices)
     dead_total: int | None = None  # dead latents over all shards; None: those of dead_latents
     progress: float = 0.0  # fraction of training done, for coefficient warm-ups
@@ -140,6 +143,14 @@ class Architecture(nn.Module):
     def loss(self, x: torch.Tensor, ctx: StepContext) -> LossOutput:
         raise NotImplementedError
 
+    def finalize(self, batches: Iterator[torch.Tensor]) -> bool:
+        """Called by the trainer once after the last training step, with the weights the run keeps (again if
+        it then keeps the EMA weights instead): estimate what inference needs from training data (BatchTopK's
+        threshold). batches: this replica's normalised rows of the run's training batches, the last first,
+        read lazily (take as many as needed). Every rank of a sharded run calls it alike. Returns whether it
+        changed anything. Default: nothing to estimate."""
+        return False
+
     @classmethod
     def flops_per_vector(cls, cfg: SAEConfig) -> float:
         """Training FLOPs per vector with no dead latents (the README's formula): what a sweep's plan
@@ -206,6 +217,17 @@ class Architecture(nn.Module):
         if isinstance(code, SparseCode):
             return code.idx[code.vals > 0].unique()
         return (code > 0).any(dim=0).nonzero().squeeze(1)
+
+
+def input_rms(x: torch.Tensor, normalization: str) -> float:
+    """sqrt(E||x||^2) of normalised inputs x: 1 for unit_norm and sqrt(d_in) for standardize (exact by
+    construction, whatever the sample), measured on x for none."""
+    if normalization == "unit_norm":
+        return 1.0
+    if normalization == "standardize":
+        return math.sqrt(x.shape[-1])
+    rms = math.sqrt(float(x.double().pow(2).sum(dim=-1).mean()))
+    return rms if math.isfinite(rms) and rms > 0 else 1.0
 
 
 def fvu_loss(x: torch.Tensor, x_hat: torch.Tensor, mse_scale: float) -> torch.Tensor:

@@ -22,11 +22,16 @@ bandwidth ε:
     ∂H(h - θ)/∂θ      := -(1/ε) K((h - θ)/ε),   ∂H(h - θ)/∂h := 0
 so the L0 term trains only the thresholds; W_enc and b_enc learn from the reconstruction alone.
 
-Defaults. bandwidth and threshold_init are in the units of the SAE's normalised input. The paper and
-Gemma Scope use ε = θ_init = 1e-3 on inputs scaled to E||x|| = sqrt(d_in) (this toolkit's "standardize"),
-where a pre-activation at init is ~N(0, 1). Under the default unit_norm, ||x|| = 1 and pre-activations at
-init have std ~ 1/sqrt(d_in) (0.016-0.036 for d_in = 768-4096); on the synthetic test data
-(normalization none, ||x|| ~ 5) it is ~1.
+Defaults. The paper and Gemma Scope use ε = θ_init = 1e-3 on activations scaled by a fixed scalar to unit
+mean squared norm, E||x||^2 = 1 (Lieberum et al. 2024, Gemma Scope, §3.1; dictionary_learning's
+get_norm_factor and SAELens's maintainers read the JumpReLU paper's ε the same way; the
+sqrt(d_in) scaling of Anthropic's April 2024 update, this toolkit's "standardize", is a different one).
+`bandwidth` is in those units: the ε the estimators use is bandwidth * input_rms, input_rms =
+sqrt(E||x||^2) of the SAE's normalised inputs (StepContext): 1 under the default unit_norm (||x|| = 1:
+the paper's units, ε = bandwidth), sqrt(d_in) under standardize, the measured value under none (the
+synthetic test data: ~5). At init a pre-activation has std ~ input_rms / sqrt(d_in) (0.016-0.036 for
+unit-norm inputs at d_in = 768-4096), so the window's width relative to the pre-activations is the same
+under every normalisation. threshold_init stays in the units of the normalised input (it is θ's value).
 - threshold_init = 1e-3: the paper's (and Gemma Scope's) value. Learned additively, θ reaches the
   scale of the pre-activations (~0.05 on unit-norm inputs) within a few hundred steps at lr 2e-4, and
   the SAE starts as a ReLU SAE with no latent dead.
@@ -70,6 +75,7 @@ class JumpReLUConfig(SAEConfig):
     sparsity: Literal["l0", "target_l0"] = "l0"
     l0_coeff: float | None = Field(None, ge=0, allow_inf_nan=False)  # None: the mode's default (docstring)
     target_l0: float | None = Field(None, gt=0, allow_inf_nan=False, validate_default=True)
+    # ε for inputs of unit mean squared norm (the paper's units); training uses bandwidth * input_rms
     bandwidth: float = Field(1e-3, gt=0, allow_inf_nan=False)
     threshold_init: float = Field(1e-3, ge=0, allow_inf_nan=False)
 
@@ -162,9 +168,10 @@ class JumpReLU(Architecture):
     def loss(self, x: torch.Tensor, ctx: StepContext) -> LossOutput:
         cfg: JumpReLUConfig = self.cfg
         h, theta = self.preactivation(x), self.threshold
-        z = JumpReLUFunction.apply(h, theta, cfg.bandwidth)
+        bandwidth = cfg.bandwidth * ctx.input_rms  # in the units of the normalised input (docstring)
+        z = JumpReLUFunction.apply(h, theta, bandwidth)
         mse = fvu_loss(x, self.decode(z), ctx.mse_scale)
-        l0 = StepFunction.apply(h, theta, cfg.bandwidth).sum(dim=-1).mean()
+        l0 = StepFunction.apply(h, theta, bandwidth).sum(dim=-1).mean()
         sparsity = l0 if cfg.sparsity == "l0" else (l0 / cfg.target_l0 - 1).pow(2)
         l0_loss = cfg.resolved_l0_coeff * sparsity
         # not "l0": the trainer merges terms into curve rows, where "l0" is the held-out L0

@@ -1,16 +1,28 @@
 """The L1 sparsity penalty shared by the L1 family (relu, gated, prolu).
 
-penalty = lambda_t * sqrt(mse_scale) * mean_b sum_i |z_bi| * w_i
+l1_coeff is the paper's lambda: Gao et al. 2024, eq. 1, L = ||x - x_hat||^2 + lambda ||z||_1 per vector on
+unit-norm inputs (the reference code's loss.py: per-token NMSE + lambda ||z||_1 / ||x||, the same on
+unit-norm inputs), so its B.2 grids (ReLU 1.7e-3 ... 1.7e-2) mean here what they meant there. The
+trainer's main loss is the FVU, mse_scale * mean_b ||x - x_hat||^2 with mse_scale = 1 / E||x - mean(x)||^2
+fixed at init (§A.6), so the penalty carries the same constant factor:
+
+    loss = mse_scale * mean_b (||x_b - x_hat_b||^2 + lambda_t * input_rms * sum_i |z_bi| * w_i)
+    penalty = lambda_t * input_rms * mse_scale * mean_b sum_i |z_bi| * w_i
+
+which is the paper's loss times the constant mse_scale (Adam is invariant to a constant loss scale, so
+the optimum and the training path are the paper's).
   lambda_t  = l1_coeff * min(1, progress / l1_warmup_frac): linear warm-up (Conerly et al. 2024)
   w_i       = ||W_dec,i|| with l1_decoder_norm (Conerly et al. 2024; the decoder is then left
               unconstrained, as in Gao et al.'s GPT-4 baselines), else 1 (unit-norm decoder rows)
-  sqrt(mse_scale) = 1 / RMS distance of the inputs from their mean: latents scale with the inputs, so
-              this makes l1_coeff dimensionless, like the FVU it is traded against. For unit-norm inputs
-              (the default normalisation) it is close to 1, the scale of the paper's lambda grids.
+  input_rms = sqrt(E||x||^2) of the normalised inputs (StepContext): 1 for unit_norm, the paper's inputs,
+              so lambda is exactly theirs; sqrt(d_in) for standardize and the measured value for none,
+              which keeps lambda in the paper's units whatever the input scale (latents scale with x).
+Until this version the penalty was l1_coeff * sqrt(mse_scale) * mean_b sum_i |z_bi| w_i: an old l1_coeff c
+is lambda = c / (input_rms * sqrt(mse_scale)), i.e. c * sqrt(1 - ||E x||^2) on unit-norm inputs.
+A.6's normalisation constant leaves one reading open: if the paper divided only the MSE term by its
+constant, its lambda is ours times mse_scale (~1 / (1 - ||E x||^2) on unit-norm inputs).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from pydantic import Field
@@ -19,7 +31,8 @@ from sae_core.architectures.base import Architecture, SAEConfig, StepContext
 
 
 class L1Config(SAEConfig):
-    l1_coeff: float = Field(5e-3, ge=0, allow_inf_nan=False)  # mid-range of Gao et al.'s ReLU grid, 1.7e-3..1e-2
+    # the paper's lambda (eq. 1, docstring); default: mid-range of Gao et al.'s ReLU grid (§B.2, 1.7e-3..1.7e-2)
+    l1_coeff: float = Field(5e-3, ge=0, allow_inf_nan=False)
     l1_warmup_frac: float = Field(0.05, ge=0, le=1)  # Conerly et al. 2024 warm up over 5% of training
     l1_decoder_norm: bool = False
 
@@ -29,7 +42,7 @@ def l1_penalty(z: torch.Tensor, W_dec: torch.Tensor, cfg: L1Config, ctx: StepCon
     per_latent = z.abs().sum(dim=0)
     if cfg.l1_decoder_norm:
         per_latent = per_latent * W_dec.norm(dim=1)
-    return cfg.l1_coeff * warm * math.sqrt(ctx.mse_scale) * per_latent.sum() / z.shape[0]
+    return cfg.l1_coeff * warm * ctx.input_rms * ctx.mse_scale * per_latent.sum() / z.shape[0]
 
 
 class L1Family(Architecture):

@@ -7,9 +7,19 @@ as in the reference code (appendix C.3: b_enc does not change the converged loss
 TopK a per-example-threshold JumpReLU and converges slightly slower).
 
 AuxK reconstructs the detached residual e = x - x_hat from the top-k_aux pre-activations among dead
-latents, ê = W_dec z_aux, and adds aux_coeff * ||e - ê||^2 / ||e - mean(e)||^2. Its normaliser is
-recomputed every batch because the residual's scale shrinks during training (seed 000, A.6); a batch
-with zero residual variance (one row, or a perfect fit) contributes 0 rather than inf or NaN.
+latents, ê = W_dec z_aux, and adds aux_coeff * AuxK, normalised one of two ways (`aux_normalization`):
+  batch (default): sum_b ||e_b - ê_b||^2 / sum_b ||e_b - mean_b(e)||^2 over the (global) batch: the
+      reference code's normalized_mse(ê, e) = mse(ê, e) / mse(batch_mean(e), e).
+  token: mean_b ||e_b - ê_b||^2 / ||e_b||^2, each token's error divided by that token's own squared
+      residual norm: Gao et al. 2024, §A.6, "For the AuxK MSE loss, we compute the normalization per
+      token, because the scale of the error changes throughout training". Read as the per-token
+      normalisation of the reference code's loss.py (normalized_mean_squared_error divides each token's
+      squared error by its squared norm), since a token has no mean of its own to subtract. The
+      denominator is the residual's own norm, not that of e + b_pre (the reference code's AuxK target
+      carries b_pre, which both decodes add): a constant ||b_pre||^2 would defeat the stated purpose.
+Either normaliser is recomputed every step, following the residual's shrinking scale. A batch (or a token)
+with a zero normaliser (one row, or a perfect fit) contributes 0 rather than inf or NaN, as the reference
+code's nan_to_num(0) does.
 """
 from __future__ import annotations
 
@@ -41,6 +51,8 @@ class TopKConfig(SAEConfig):
     k: int = Field(32, ge=1)
     k_aux: int | None = Field(None, ge=1)  # None: the power of two nearest d_in / 2 (paper B.1)
     aux_coeff: float = Field(1 / 32, ge=0, allow_inf_nan=False)
+    # batch: the reference code's per-batch normaliser; token: the paper's (§A.6) per-token one (docstring)
+    aux_normalization: Literal["batch", "token"] = "batch"
     use_b_enc: bool = True
 
     _check_k = field_validator("k", "k_aux")(_k_at_most_n)
@@ -117,6 +129,17 @@ class TopK(Architecture):
         terms["mse_loss"] = loss.detach()
         return loss, code, x_hat, [self.cfg.k]
 
+    def aux_loss(self, e: torch.Tensor, e_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """AuxK of the residual e and its reconstruction ê from dead latents, normalised per batch (over all
+        replicas' rows: batch_variance) or per token (a mean over this replica's rows, which the trainer's
+        replica average makes the global batch's mean)."""
+        err = (e - e_hat).pow(2).sum(dim=-1)
+        if self.cfg.aux_normalization == "token":
+            norm = e.pow(2).sum(dim=-1)
+            return torch.where(norm > 0, err / norm.clamp_min(1e-30), 0.0).mean()
+        variance = ctx.batch_variance(e)
+        return torch.where(variance > 0, err.sum() / variance.clamp_min(1e-30), 0.0)
+
     def loss(self, x: torch.Tensor, ctx: StepContext) -> LossOutput:
         cfg: TopKConfig = self.cfg
         k_aux = min(cfg.resolved_k_aux, ctx.dead_count()) if cfg.aux_coeff > 0 else 0
@@ -127,8 +150,7 @@ class TopK(Architecture):
         if k_aux:
             e = (x - x_hat).detach()
             e_hat = self.mesh.sum_shards(sparse_decode(aux_idx, aux_vals, self.W_dec))
-            variance = ctx.batch_variance(e)
-            aux = torch.where(variance > 0, (e - e_hat).pow(2).sum() / variance.clamp_min(1e-30), 0.0)
+            aux = self.aux_loss(e, e_hat, ctx)
             terms["aux_loss"] = aux.detach()
             loss = loss + cfg.aux_coeff * aux
             decoded.append(k_aux)

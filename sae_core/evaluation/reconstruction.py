@@ -5,6 +5,14 @@ mse  = sum ||x - x_hat||^2 / (N * d_in)          (per element)
 l0   = mean number of nonzero latents per vector;  l1 = mean sum_i |z_i| per vector
 dead_frac_eval = fraction of latents that fire on no vector of the set
 Per latent: frequency (fraction of vectors on which it is active) and mean activation when active.
+
+A multi-layer SAE's set holds vectors of several layers (`layer_ids`). Lawson et al. (2024, "Residual stream
+analysis with multi-layer SAEs", App. B.1) record the FVU and the MSE "for the inputs from each transformer
+layer and the mean over all layers": there nmse = the mean over layers of each layer's FVU (its own mean(x)
+and variance), mse = the mean over layers of each layer's mse, and the figures over all vectors pooled, where
+the high-norm late layers dominate, are kept as nmse_pooled and mse_pooled (mse_pooled = mse when the
+layers hold equal numbers of vectors). l0, l1 and dead_frac_eval are over all the vectors (equal numbers
+per layer make l0 and l1 the mean over layers too). Without layer_ids there are no *_pooled keys.
 """
 from __future__ import annotations
 
@@ -30,8 +38,11 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096,
-             encode: Callable[[torch.Tensor], tuple[Code, TokenStats | None]] | None = None) -> Evaluation:
+             encode: Callable[[torch.Tensor], tuple[Code, TokenStats | None]] | None = None,
+             layer_ids: torch.Tensor | None = None) -> Evaluation:
     """encode: replaces `sae.encode_code` (e.g. a test-time TopK(k') through `sae.encode_with`).
+    layer_ids: the layer of each row of x for a multi-layer SAE: nmse and mse become the mean over layers of
+    each layer's, the pooled figures nmse_pooled and mse_pooled (module docstring).
     A sharded SAE is evaluated by all its shards together; each gets the whole evaluation."""
     encode = encode or sae.encode_code
     device, mesh = sae.arch.W_dec.device, sae.arch.mesh
@@ -40,12 +51,26 @@ def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096,
     sq_err = total_var = l1 = 0.0
     counts = torch.zeros(n, dtype=torch.float64, device=device)
     sums = torch.zeros(n, dtype=torch.float64, device=device)
+    if layer_ids is not None:
+        if layer_ids.shape != (x.shape[0],):
+            raise ValueError(f"layer_ids: one per row of x ({x.shape[0]}), got shape {tuple(layer_ids.shape)}")
+        layers, group = torch.unique(layer_ids.cpu(), return_inverse=True)
+        layer_n = torch.bincount(group, minlength=len(layers)).to(torch.float64)
+        layer_mean = torch.stack([x[group == i].to(torch.float64).mean(dim=0) for i in range(len(layers))])
+        layer_mean, group = layer_mean.to(device), group.to(device)
+        layer_err = torch.zeros(len(layers), dtype=torch.float64, device=device)
+        layer_var = torch.zeros(len(layers), dtype=torch.float64, device=device)
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device)
         code, stats = encode(xb)
         x_hat = sae.decode(code, stats)
-        sq_err += float((xb - x_hat).double().pow(2).sum())
+        err = (xb - x_hat).double().pow(2)
+        sq_err += float(err.sum())
         total_var += float((xb.double() - mean).pow(2).sum())
+        if layer_ids is not None:
+            gb = group[start:start + batch_size]
+            layer_err.index_add_(0, gb, err.sum(dim=1))
+            layer_var.index_add_(0, gb, (xb.double() - layer_mean[gb]).pow(2).sum(dim=1))
         if isinstance(code, SparseCode):  # never densify a sparse code
             active = code.vals != 0
             counts.index_add_(0, code.idx[active], torch.ones_like(code.vals[active], dtype=torch.float64))
@@ -65,6 +90,11 @@ def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096,
         "l1": l1 / N,
         "dead_frac_eval": float((counts == 0).double().mean()),
     }
+    if layer_ids is not None:
+        layer_nmse = torch.where(layer_var > 0, layer_err / layer_var, torch.full_like(layer_var, float("nan")))
+        metrics["nmse_pooled"], metrics["mse_pooled"] = metrics["nmse"], metrics["mse"]
+        metrics["nmse"] = float(layer_nmse.mean())
+        metrics["mse"] = float((layer_err.cpu() / (layer_n * d)).mean())
     return Evaluation(metrics, (counts / N).float().cpu(), (sums / counts.clamp_min(1)).float().cpu())
 
 

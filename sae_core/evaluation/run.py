@@ -54,7 +54,8 @@ def evaluate_run(sae: SAE, eval_x: torch.Tensor, cfg: EvalConfig, layers: list[i
                  layer_ids: torch.Tensor | None = None, l0: float | None = None,
                  batch_size: int = 4096) -> RunEvaluation:
     """layers: the hooked layers the SAE reads (several for a multi-layer SAE, whose eval vectors' layers are
-    `layer_ids`); downstream: None when there is no model to splice into, `null_reason` saying why.
+    `layer_ids`; its recovery points' nmse and mse are then the mean over layers, as the runs row's);
+    downstream: None when there is no model to splice into, `null_reason` saying why.
     l0: the trained L0 (sets the default recovery grid for families without k)."""
     splice = cfg.downstream and downstream is not None and bool(layers)
     splices: dict = {}
@@ -99,7 +100,7 @@ def evaluate_run(sae: SAE, eval_x: torch.Tensor, cfg: EvalConfig, layers: list[i
 
     table = []
     for i, (keys, encode) in enumerate(grid):
-        rec = evaluate(sae, eval_x, batch_size, encode=encode).metrics
+        rec = evaluate(sae, eval_x, batch_size, encode=encode, layer_ids=layer_ids).metrics  # as the runs row
         row = {**keys, "l0": rec["l0"], "nmse": rec["nmse"], "mse": rec["mse"],
                "downstream_loss": None, "downstream_kl": None}
         if ("recovery", i, layers[0] if layers else None) in spliced:

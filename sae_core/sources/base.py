@@ -18,6 +18,9 @@ class ActivationSource(ABC):
     """
 
     d_in: int
+    # vectors per token: 1, or the number of hooked layers for a multi-layer SAE (one vector per layer of each
+    # token); the trainer's dead-latent window, in tokens, is this many vectors a token
+    vectors_per_token: int = 1
 
     @abstractmethod
     def train_batch(self, step: int, batch_size: int) -> torch.Tensor:
@@ -26,6 +29,10 @@ class ActivationSource(ABC):
     @abstractmethod
     def eval_set(self) -> torch.Tensor:
         """float32 [n_eval, d_in] held-out vectors, never returned by train_batch; the same tensor every call."""
+
+    def eval_layer_ids(self) -> torch.Tensor | None:
+        """The layer of each row of eval_set() for a multi-layer source (int64 [n_eval]); None for one layer."""
+        return None
 
     def sample(self, n: int) -> torch.Tensor:
         """A deterministic sample of n training vectors, for initialisation statistics."""

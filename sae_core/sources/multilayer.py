@@ -18,6 +18,7 @@ class MultiLayerSource(ActivationSource):
         if len(dims) != 1:
             raise ConfigError(f"hook.layers: layers differ in width {sorted(dims)}; one SAE needs one d_in")
         self.sources, self.layers, self.d_in = sources, list(layers), dims.pop()
+        self.vectors_per_token = len(sources)
         self._eval: torch.Tensor | None = None
 
     def _counts(self, batch_size: int) -> list[int]:
@@ -37,5 +38,6 @@ class MultiLayerSource(ActivationSource):
         return self._eval
 
     def eval_layer_ids(self) -> torch.Tensor:
+        """The layer of each row of eval_set() (layer-major: every vector of the first layer, then the next)."""
         sizes = torch.tensor([s.eval_set().shape[0] for s in self.sources])
         return torch.repeat_interleave(torch.tensor(self.layers), sizes)

@@ -27,6 +27,7 @@ class StreamingActivations(ActivationSource):
         self.extractor, self.tokens, self.keep = extractor, tokens, ~excluded
         self.layer_pos = None if layer is None else extractor.layers.index(layer)
         self.n_layers = 1 if layer is not None else len(extractor.layers)
+        self.vectors_per_token = self.n_layers
         self.d_in, self.seed, self.batch_rows = extractor.d_model, seed, batch_rows
         eval_end = rows_holding(self.keep.sum(axis=1), eval_tokens)
         if eval_end >= len(tokens):
@@ -64,6 +65,16 @@ class StreamingActivations(ActivationSource):
         return torch.cat([acts[i, picks[:n]] for i, n in enumerate(counts)])
 
     def eval_set(self) -> torch.Tensor:
+        """Layer-major for a multi-layer SAE: the held-out vectors of the first layer, then the next, as the
+        cache's MultiLayerSource holds them."""
         if self._eval is None:
             self._eval = self._vectors(self.eval_rows).flatten(0, 1)
         return self._eval
+
+    def eval_layer_ids(self) -> torch.Tensor | None:
+        """The layer of each held-out vector of a multi-layer SAE (None for one layer's SAE), for its
+        per-layer metrics: equal numbers per layer, laid out as the cache's MultiLayerSource lays them."""
+        if self.layer_pos is not None:
+            return None
+        per_layer = self.eval_set().shape[0] // self.n_layers
+        return torch.repeat_interleave(torch.tensor(self.extractor.layers), per_layer)
