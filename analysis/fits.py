@@ -103,7 +103,8 @@ class Fit:
     def from_dict(cls, d: dict) -> "Fit":
         """A fit as `to_dict` wrote it (fits.json), with predict and predict_interval working again."""
         none = float("nan")
-        params = {k: none if v is None else float(v) for k, v in d["params"].items()}
+        # in the model's order: a JSON writer may have sorted the keys
+        params = {k: none if d["params"][k] is None else float(d["params"][k]) for k in PARAMS[d["law"]]}
         draws = np.array([[none if v is None else v for v in row] for row in d.get("draws", [])], dtype=float)
         extra = {"best": pd.DataFrame(d["best"])} if "best" in d else {}
         return cls(law=d["law"], formula=d["formula"], params=params, extra=extra,
@@ -131,11 +132,12 @@ def _unit_resampler(units: np.ndarray, X: list[np.ndarray], y: np.ndarray) -> Ca
 
 def _build(law: str, names: Sequence[str], variables: Sequence[str], X: list[np.ndarray], y: np.ndarray,
            solve: Callable, model: Callable, formula: Callable, *, min_ok: Callable, hold: np.ndarray,
-           n_boot: int, seed: int, units: np.ndarray | None = None) -> Fit:
+           n_boot: int, seed: int, units: np.ndarray | None = None, bounds: tuple | None = None) -> Fit:
     """Fit `solve(X, y, init) -> theta` to every point, bootstrap it, and refit without the `hold` points to
     see how it predicts them. `min_ok(X)` says whether a subset of the design still identifies the law.
     The bootstrap resamples `units` (one label per point; default: every point its own unit): a draw takes
-    every point of each drawn unit."""
+    every point of each drawn unit. `bounds` (lower, upper) per parameter: the law's own constraints, which
+    the small-sample scaling of the draws must not push them past."""
     theta = solve(X, y, None)
     res = np.log(model(theta, *X)) - np.log(y)
     ly = np.log(y)
@@ -155,6 +157,8 @@ def _build(law: str, names: Sequence[str], variables: Sequence[str], X: list[np.
     # 0.89-0.94 to 0.92-0.96.
     m = len(np.unique(units))
     draws = theta + (draws - theta) * np.sqrt(m / max(m - len(names), 1))
+    if bounds is not None:
+        draws = np.clip(draws, *bounds)
     if len(draws):
         ci = {p: (float(lo), float(hi)) for p, lo, hi in zip(names, *np.percentile(draws, [2.5, 97.5], axis=0))}
     else:
@@ -230,8 +234,10 @@ def _fit_offset_power(x: np.ndarray, y: np.ndarray, *, law: str, var: str, symbo
     else:
         solve, model = _solve_power_law, _power_law_model
         formula = lambda t: f"{lhs} = {t[0]:.3g}·{symbol}^{t[1]:.3g}"
+    # a > 0 always; an offset law also has b <= 0 (L falls with x) and c >= 0 (a loss floor)
+    bounds = ([0, -np.inf, 0], [np.inf, 0, np.inf]) if offset else ([0, -np.inf], [np.inf, np.inf])
     return _build(law, names, [var], [x], y, solve, model, formula, hold=hold, n_boot=n_boot, seed=seed,
-                  min_ok=lambda X: len(np.unique(X[0])) >= len(names), units=units)
+                  min_ok=lambda X: len(np.unique(X[0])) >= len(names), units=units, bounds=bounds)
 
 
 # ---------------------------------------------------------------- selecting the rows a law is fitted to
@@ -429,6 +435,8 @@ def _joint_model(t, n, k):
 
 MODELS = {"lofn": _offset_power_model, "loc": _offset_power_model, "lofn_power": _power_law_model,
           "lr": _power_law_model, "joint": _joint_model}
+PARAMS = {"lofn": ("a", "b", "c"), "loc": ("a", "b", "c"), "lofn_power": ("a", "b"), "lr": ("a", "b"),
+          "joint": JOINT_PARAMS}  # each model's parameter order
 
 
 def _joint_formula(t) -> str:

@@ -35,7 +35,7 @@ TITLES = {"lofn": "L(N)", "loc": "L(C)", "joint": "L(n,k)", "lr": "lr*(n)"}
 CURVE_START = 0.1  # fraction of a run's tokens before its curve enters the L(C) frontier
 # bumped when a change here or in analysis.fits changes what a fit of the same data gives, so older
 # fits.json files count as stale
-FITS_VERSION = 2
+FITS_VERSION = 3
 
 
 def with_convergence(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:

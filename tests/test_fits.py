@@ -236,7 +236,7 @@ def test_fit_object_interval_holdout_serialisation_and_table():
         assert low <= fit.predict(x) <= high
         lows, highs = fit.predict_interval(np.array([x, 2 * x]))
         assert np.all(lows <= fit.predict(np.array([x, 2 * x]))) and lows.shape == (2,)
-        d = json.loads(json.dumps(fit.to_dict(), allow_nan=False))
+        d = json.loads(json.dumps(fit.to_dict(), allow_nan=False, sort_keys=True))  # as fits.json is written
         assert set(d) == {"law", "formula", "params", "ci", "r2", "rmse_log", "n_points", "x_range", "holdout",
                           "flagged", "runs", "group", "at_budget", "variables", "draws"}
         back = Fit.from_dict(d)  # fits.json round trip: the same law, the same intervals
@@ -245,6 +245,11 @@ def test_fit_object_interval_holdout_serialisation_and_table():
         assert back.predict_interval(x) == pytest.approx(fit.predict_interval(x), rel=1e-12)
     with pytest.raises(TypeError, match="predict takes n_latents"):
         lofn.predict(k=3)
+    joint = fit_joint(joint_runs(0), n_boot=20)
+    back = Fit.from_dict(json.loads(json.dumps(joint.to_dict(), sort_keys=True)))
+    assert back.predict(n_latents=2 ** 22, k=64) == pytest.approx(joint.predict(n_latents=2 ** 22, k=64), rel=1e-12)
+    assert back.predict_interval(n_latents=2 ** 22, k=64) == pytest.approx(
+        joint.predict_interval(n_latents=2 ** 22, k=64), rel=1e-12)
     table = fits_table({"L(N)": lofn, "L(C)": loc})
     assert table.name.tolist() == ["L(N)", "L(C)"]
     assert {"a", "a_low", "a_high", "b", "c_high", "r2", "n_points", "holdout_max_rel_error"} <= set(table.columns)
@@ -309,3 +314,11 @@ def test_loc_bootstrap_resamples_whole_runs():
     width = [np.diff(f.ci["b"])[0] for f in fits]
     assert fits[0].ci["b"][0] < LOC[2] < fits[0].ci["b"][1]
     assert width[1] < 0.9 * width[0]
+
+
+def test_intervals_respect_the_laws_constraints_with_few_units():
+    """With 4 widths and 3 parameters the small-sample scaling doubles each draw's deviation; the intervals
+    must still lie where the law is defined (a > 0, b <= 0, c >= 0)."""
+    fit = fit_lofn(lofn_runs(seeds=1, noise=0.05, ns=2 ** np.arange(10, 14)), n_boot=200)
+    assert fit.ci["a"][0] >= 0 and fit.ci["b"][1] <= 0 and fit.ci["c"][0] >= 0
+    assert fit.ci["a"][0] <= fit.params["a"] <= fit.ci["a"][1]
