@@ -1,4 +1,4 @@
-"""The results store of one sweep (layout in SPEC.md), written so that a crash never leaves a half file:
+"""The results store of one sweep (layout in docs/results.md), written so that a crash never leaves a half file:
 
   results/<sweep>/sweep.yaml                 the spec as given
   runs/<run_id>.parquet                      one row per finished run (ok, diverged or failed), written last

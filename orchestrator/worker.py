@@ -97,7 +97,7 @@ def now_utc() -> datetime:
 
 def run_row(spec: SweepSpec, plan: RunPlan, result: RunResult | None, evaluation: dict, started: datetime,
             error: str | None = None, hooked: list[int] | None = None) -> dict:
-    """The runs-table row of one run (columns in README and SPEC.md). hooked: the hooked layers resolved
+    """The runs-table row of one run (columns in docs/results.md). hooked: the hooked layers resolved
     (hook.layers `all` made a list by ActivationData.prepare); without it `all` is written as it is."""
     layers = (hooked or spec.hook.layers) if plan.layer is None else [plan.layer]
     layers = layers if isinstance(layers, str) else ",".join(map(str, layers))

@@ -1,7 +1,7 @@
 """Trainer settings: every switch of the Gao et al. (2024) recipe.
 
 The defaults (`recipe: default`) are this toolkit's, chosen for small and medium sweeps on one machine;
-they differ from the paper's in a few places (README, "The training recipe", has the table with each
+they differ from the paper's in a few places (docs/training.md, "The training recipe", has the table with each
 paper value's section and why we differ). `recipe: gao2024` sets the paper's value of every such key the
 user leaves unset (RECIPES below); a key set explicitly always wins, and so does a family's own training
 setting (Architecture.train_defaults, e.g. JumpReLU's Adam beta1 = 0).

@@ -293,7 +293,7 @@ def test_packs_fit_the_worker_memory():
     assert [len(p) for p in pack_runs(runs, 100, 1)] == [1] * 6  # too small for any: one run per pack
 
 
-def _readme_flops(arch: str, sae: dict) -> float:
+def _documented_flops(arch: str, sae: dict) -> float:
     d, n = sae["d_in"], sae["n_latents"]
     if arch in ("topk", "batchtopk"):
         return 2 * d * n + 10 * d * sae["k"]
@@ -304,10 +304,10 @@ def _readme_flops(arch: str, sae: dict) -> float:
         return 12 * d * n
     if arch == "gated":
         return 16 * d * n
-    raise AssertionError(f"no README formula for {arch}")
+    raise AssertionError(f"no formula in docs/scaling-laws.md for {arch}")
 
 
-def test_flops_match_readme_and_the_loss():
+def test_flops_match_the_documented_formula_and_the_loss():
     assert architecture_names() == ARCHS.split(", ")
     data = _with(grid={"arch": architecture_names(), "n_latents": [64], "k": [4]})
     runs = _plan(data)
@@ -317,7 +317,7 @@ def test_flops_match_readme_and_the_loss():
     for run in runs:
         tokens = run.train["train_tokens"]
         assert tokens == BASE["data"]["train_tokens"]
-        expected = _readme_flops(run.arch, run.sae)
+        expected = _documented_flops(run.arch, run.sae)
         if run.arch == "multi_topk":
             assert expected == 2 * 16 * 64 + 46 * 16 * 4
         assert run.flops() == pytest.approx(tokens * expected), run.arch

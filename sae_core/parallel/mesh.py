@@ -3,7 +3,8 @@ appendix D.1; Shoeybi et al. 2019 for the tensor-parallel pair of operators).
 
 Rank r = replica * S + shard, so the S shards of a replica are neighbours (one node's fast links carry the
 per-step shard traffic; only gradients cross replicas). Every collective is synchronous: a collective
-issued asynchronously and never waited on is one of the reference code's bugs (recipe digest, section 5).
+issued asynchronously and never waited on is a bug of the reference code (openai/sparse_autoencoder,
+train.py: `async_op=True` collectives are never waited on).
 
 A single process is the same code with `Mesh()`: every reduction is the identity and nothing is sent.
 """
