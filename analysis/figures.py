@@ -237,9 +237,6 @@ def _n_label(n: float) -> str:
 
 # ---------------------------------------------------------------- selecting rows
 
-_num = numeric
-
-
 def _runs(runs: pd.DataFrame, need: tuple[str, ...] = ("nmse",),
           positive: tuple[str, ...] | None = None) -> pd.DataFrame:
     """Runs with status ok and finite `need` columns (positive where in `positive`, default: all of them);
@@ -258,7 +255,7 @@ def _runs(runs: pd.DataFrame, need: tuple[str, ...] = ("nmse",),
     for c in ("n_latents", "lr", "nmse", "mse", "l0", "l1", "dead_frac", "dead_frac_eval", "tokens", "flops",
               "downstream_loss", "downstream_kl", *SPARSITY_KEYS, *need):
         if c in d:
-            d[c] = _num(d, c)
+            d[c] = numeric(d, c)
     d["family"] = families(d)
     positive = need if positive is None else positive
     ok = np.ones(len(d), bool)
@@ -405,7 +402,7 @@ def fig_loc(curves: pd.DataFrame, runs: pd.DataFrame, fits: Fits | None = None) 
             raise SkipFigure(f"the curves table has no {c} column")
     d, note, site = _one_site(_runs(runs, ("nmse",)))
     c = curves[curves["run_id"].isin(d["run_id"])].copy()
-    c["flops"], c["nmse"], c["tokens"] = _num(c, "flops"), _num(c, "nmse"), _num(c, "tokens")
+    c["flops"], c["nmse"], c["tokens"] = numeric(c, "flops"), numeric(c, "nmse"), numeric(c, "tokens")
     c = c[np.isfinite(c["flops"]) & (c["flops"] > 0) & np.isfinite(c["nmse"]) & (c["nmse"] > 0)]
     if c.empty:
         raise SkipFigure("no curve point with flops > 0 and nmse > 0 for an ok run")
@@ -623,7 +620,8 @@ def fig_lr(runs: pd.DataFrame, fits: Fits | None = None) -> Figure:
                 b = float(hit["best_lr"].iloc[0])
                 xs.append(b)
                 ys.append(float(np.interp(np.log(b), np.log(per_lr.index.to_numpy(float)), per_lr.to_numpy(float))))
-            ax.plot(xs, ys, ls="none", marker="*", ms=10, color="black", gid="best_lr", label=f"best lr: {_formula(fit)}")
+            ax.plot(xs, ys, ls="none", marker="*", ms=10, color="black", gid="best_lr",
+                    label=f"best lr: {_formula(fit)}")
     lrs = np.concatenate([rows["lr"].to_numpy(float) for _, rows in per_n])
     _log2_axis(ax.xaxis, lambda v: f"{v:.2g}", values=lrs)
     ax.set_yscale("log")
@@ -648,7 +646,8 @@ def fig_downstream(runs: pd.DataFrame) -> Figure:
     """Gao et al. ΔCE figure: the downstream loss of splicing the reconstruction into the model (ΔCE for an
     LM, 1 − cos of the pooled embedding for an encoder) (a) vs L0 per architecture at one width, with each
     architecture's lower envelope; (b) vs n_latents, TopK series per k, others their best per n."""
-    if runs is not None and not runs.empty and "downstream_loss" in runs and _num(runs, "downstream_loss").isna().all():
+    if (runs is not None and not runs.empty and "downstream_loss" in runs
+            and numeric(runs, "downstream_loss").isna().all()):
         reasons = runs["downstream_null_reason"].dropna().unique() if "downstream_null_reason" in runs else []
         raise SkipFigure("downstream_loss is null for every run" + (f": {reasons[0]}" if len(reasons) else ""))
     d, note, site = _one_site(_runs(runs, ("downstream_loss",), positive=()))
@@ -690,7 +689,7 @@ def fig_dead(runs: pd.DataFrame) -> Figure:
     """Gao et al. appendix (dead_ratio): fraction of dead latents at the end of training vs n_latents per
     architecture (TopK family one series per k; others the mean over their sparsity grid), log x."""
     d, note, site = _one_site(_runs(runs, ("dead_frac",), positive=()))
-    d, dropped = _at_best_lr(d, "nmse") if np.isfinite(_num(d, "nmse")).all() else (d, 0)
+    d, dropped = _at_best_lr(d, "nmse") if np.isfinite(numeric(d, "nmse")).all() else (d, 0)
     if d["n_latents"].nunique() < 2:
         raise SkipFigure("needs at least 2 widths n_latents")
     fig, (ax,) = _subplots()
@@ -719,7 +718,7 @@ def fig_recovery(recovery: pd.DataFrame, runs: pd.DataFrame) -> Figure:
             raise SkipFigure(f"the recovery table has no {c} column")
     rec = recovery.copy()
     for c in ("l0", "nmse", "downstream_loss"):
-        rec[c] = _num(rec, c)
+        rec[c] = numeric(rec, c)
     rec = rec[np.isfinite(rec["l0"]) & (rec["l0"] > 0) & np.isfinite(rec["nmse"]) & (rec["nmse"] > 0)]
     counts = rec.groupby("run_id").size()
     ids = set(counts[counts >= 2].index)
@@ -790,7 +789,7 @@ def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame) -> Figure:
             raise SkipFigure(f"the curves table has no {c} column")
     d, note, site = _one_site(_runs(runs, ()))
     c = curves[curves["run_id"].isin(d["run_id"])].copy()
-    c["tokens"], c["nmse"] = _num(c, "tokens"), _num(c, "nmse")
+    c["tokens"], c["nmse"] = numeric(c, "tokens"), numeric(c, "nmse")
     c = c[np.isfinite(c["tokens"]) & (c["tokens"] > 0) & np.isfinite(c["nmse"]) & (c["nmse"] > 0)]
     counts = c.groupby("run_id").size()
     d = d[d["run_id"].isin(counts[counts >= 2].index)]
@@ -845,7 +844,7 @@ def fig_layers(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure:
             raise SkipFigure(f"the layers table has no {c} column")
     lay = layers.copy()
     for c in ("layer", "nmse", "downstream_loss"):
-        lay[c] = _num(lay, c)
+        lay[c] = numeric(lay, c)
     lay = lay[np.isfinite(lay["layer"]) & np.isfinite(lay["nmse"]) & (lay["nmse"] > 0)]
     try:
         d = _runs(runs, ())
@@ -885,10 +884,11 @@ def fig_layers(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure:
 
 @_figure
 def fig_family(sweep_dir: str | Path, runs: pd.DataFrame) -> Figure:
-    """Leask et al. Fig. 7: for each family (analysis.selection.width_families: SAEs of the same arch, sparsity,
-    layer and seed, each at its best lr, differing in width) and each pair of consecutive widths, the histogram over the larger SAE's latents of their max
-    decoder cosine to the smaller SAE's latents; latents left of the 0.7 line are novel. No activations
-    needed: the decoders come from results/<sweep>/saes/<run_id>."""
+    """Leask et al. Fig. 7: for each family (analysis.selection.width_families: SAEs of the same arch,
+    sparsity, layer and seed, each at its best lr, differing in width) and each pair of consecutive widths,
+    the histogram over the larger SAE's latents of their max decoder cosine to the smaller SAE's latents;
+    latents left of the 0.7 line are novel. No activations needed: the decoders come from
+    results/<sweep>/saes/<run_id>."""
     import torch
 
     from sae_core.evaluation.family import decoder_max_cosine

@@ -265,9 +265,9 @@ def _select(runs: pd.DataFrame, who: str, cols: Sequence[str], converged_only: b
     {run_id: reason}, so nothing disappears silently."""
     _require(runs, cols, who)
     d, excluded = usable(runs, y)
-    for c in cols:
+    for c in (c for c in cols if c != y):  # y: usable's check
         v = pd.to_numeric(d[c], errors="coerce").astype(float).to_numpy()
-        bad = ~(np.isfinite(v) & (v > 0)) if c in (y, "n_latents", "lr") else ~np.isfinite(v)
+        bad = ~(np.isfinite(v) & (v > 0)) if c in ("n_latents", "lr") else ~np.isfinite(v)
         excluded.update({r: f"{c} missing or not positive" for r in run_ids(d)[bad]})
         d = d[~bad]
     if at_best_lr:

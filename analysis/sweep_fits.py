@@ -122,9 +122,10 @@ def fingerprint(sweep_dir: str | Path) -> str:
 
 
 def write_fits(sweep_dir: str | Path, fits: dict[str, Fit], skipped: dict[str, str],
-               laws: tuple[str, ...] = LAWS) -> Path:
+               laws: tuple[str, ...] = LAWS, inputs: str | None = None) -> Path:
+    """inputs: the tables' fingerprint when the caller has it (the tables the fits were fitted to)."""
     out = Path(sweep_dir) / "fits"
-    write_json_atomic(out / "fits.json", {"inputs": fingerprint(sweep_dir), "laws": list(laws),
+    write_json_atomic(out / "fits.json", {"inputs": inputs or fingerprint(sweep_dir), "laws": list(laws),
                                           "fits": {name: f.to_dict() for name, f in fits.items()},
                                           "skipped": skipped})
     if fits:
@@ -133,13 +134,14 @@ def write_fits(sweep_dir: str | Path, fits: dict[str, Fit], skipped: dict[str, s
     return out
 
 
-def read_fits(sweep_dir: str | Path) -> tuple[dict[str, Fit], dict[str, str]] | None:
+def read_fits(sweep_dir: str | Path, inputs: str | None = None) -> tuple[dict[str, Fit], dict[str, str]] | None:
     """The fits `sae-scaling fit` wrote, if they cover every law and were fitted to the tables as they are
-    now; None when fits/ is missing, unreadable, partial or stale."""
+    now (`inputs`: their fingerprint, when the caller has it); None when fits/ is missing, unreadable,
+    partial or stale."""
     path = Path(sweep_dir) / "fits" / "fits.json"
     try:
         data = json.loads(path.read_text())
-        if data.get("inputs") != fingerprint(sweep_dir) or set(data.get("laws", ())) != set(LAWS):
+        if data.get("inputs") != (inputs or fingerprint(sweep_dir)) or set(data.get("laws", ())) != set(LAWS):
             return None
         return {name: Fit.from_dict(d) for name, d in data["fits"].items()}, dict(data.get("skipped", {}))
     except (OSError, ValueError, KeyError, TypeError):
@@ -149,12 +151,13 @@ def read_fits(sweep_dir: str | Path) -> tuple[dict[str, Fit], dict[str, str]] | 
 def sweep_fits(sweep_dir: str | Path) -> tuple[dict[str, Fit], dict[str, str]]:
     """The sweep's fits: fits.json when it is current, else fitted now and written (where the folder is
     writable: on read-only storage the fits are used without being saved)."""
-    current = read_fits(sweep_dir)
+    inputs = fingerprint(sweep_dir)  # hashing every table once, for the check and the write
+    current = read_fits(sweep_dir, inputs)
     if current is not None:
         return current
     fits, skipped = fit_sweep(sweep_dir)
     try:
-        write_fits(sweep_dir, fits, skipped)
+        write_fits(sweep_dir, fits, skipped, inputs=inputs)
     except OSError:
         pass
     return fits, skipped

@@ -44,7 +44,8 @@ class RunPlan:
         return 4 * (4 * 2 * n * d + 2 * batch * n)
 
     def flops(self) -> float:
-        """Estimated training FLOPs: train_tokens x the family's FLOPs per vector (docs/scaling-laws.md, "Compute accounting")."""
+        """Estimated training FLOPs: train_tokens x the family's FLOPs per vector (docs/scaling-laws.md,
+        "Compute accounting")."""
         cfg = parse_sae_config(self.sae)
         return self.train["train_tokens"] * registry()[self.arch].flops_per_vector(cfg)
 

@@ -86,7 +86,8 @@ def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:
         packs = pack_runs([r for r in sweep.runs if r.run_id not in done], sweep.spec.pack_size)
         units = f"{len(packs)} packs to train"
     echo(f"{len(sweep.runs)} runs ({len(done)} done), {units}; SAE training compute "
-         f"{_fmt_flops(total_flops)} FLOPs in all, {_fmt_flops(todo_flops)} to do (formula: docs/scaling-laws.md, Compute accounting)")
+         f"{_fmt_flops(total_flops)} FLOPs in all, {_fmt_flops(todo_flops)} to do (formula: "
+         "docs/scaling-laws.md, Compute accounting)")
     act = sweep.data.activation_flops()
     if act is not None:
         where = ("once, into the cache" if sweep.spec.data.cache

@@ -45,7 +45,7 @@ class SharedStream(ActivationSource):
     def __init__(self, source: ActivationSource, keep: int = 4):
         self.source, self.keep, self.d_in = source, keep, source.d_in
         # ActivationSource's defaults would shadow __getattr__: a multi-layer source's own are passed on
-        self.vectors_per_token = getattr(source, "vectors_per_token", 1)
+        self.vectors_per_token = source.vectors_per_token
         self.produced = 0  # batches actually read from the source
         self._recent: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
 
@@ -65,7 +65,7 @@ class SharedStream(ActivationSource):
         return self.train_batch(0, n)  # the same key in every trainer of the pack
 
     def eval_layer_ids(self) -> torch.Tensor | None:
-        return getattr(self.source, "eval_layer_ids", lambda: None)()
+        return self.source.eval_layer_ids()
 
     def __getattr__(self, name):  # the rest of the source's attributes
         return getattr(self.source, name)

@@ -271,7 +271,7 @@ class Trainer:
         sae, st, B = session.sae, session.state, cfg.batch_size
         total = cfg.steps()
         eval_x = self.source.eval_set()
-        eval_ids = getattr(self.source, "eval_layer_ids", lambda: None)()  # multi-layer SAEs: each vector's layer
+        eval_ids = self.source.eval_layer_ids()  # multi-layer SAEs: each vector's layer
         curve_x, curve_ids = curve_subset(eval_x, eval_ids, cfg.curve_eval_tokens)
         sample_at = set(curve_steps(total, B, cfg.curve_points_per_decade))
         every = max(1, math.ceil((cfg.checkpoint_every_tokens or math.ceil(cfg.train_tokens / 10)) / B))
@@ -402,7 +402,7 @@ class TrainingSession:
         """Latents unfired for dead_window_tokens tokens. Gao et al. (2024), B.2: "We consider a feature dead
         if it does not activate for 10 million tokens". The counter is in vectors, and a multi-layer SAE sees
         one vector per layer of each token, so its window is dead_window_tokens x the number of layers."""
-        window = self.trainer.cfg.dead_window_tokens * getattr(self.trainer.source, "vectors_per_token", 1)
+        window = self.trainer.cfg.dead_window_tokens * self.trainer.source.vectors_per_token
         return self.tokens_since_fired >= window
 
     def dead_count(self) -> int:

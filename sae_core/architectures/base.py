@@ -87,7 +87,7 @@ class StepContext:
 class LossOutput:
     loss: torch.Tensor
     code: Code  # the code used at inference (for L0 and dead-latent tracking)
-    flops: float  # training FLOPs of this step (forward + backward), as docs/scaling-laws.md ("Compute accounting") defines them
+    flops: float  # training FLOPs of this step (forward + backward), as docs/scaling-laws.md defines them
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars, logged on curves
 
 
@@ -153,8 +153,8 @@ class Architecture(nn.Module):
 
     @classmethod
     def flops_per_vector(cls, cfg: SAEConfig) -> float:
-        """Training FLOPs per vector with no dead latents (docs/scaling-laws.md, "Compute accounting"): what a sweep's plan
-        estimates. Default: a dense encoder and a dense decoder."""
+        """Training FLOPs per vector with no dead latents (docs/scaling-laws.md, "Compute accounting"): what a
+        sweep's plan estimates. Default: a dense encoder and a dense decoder."""
         return dense_flops(cfg.d_in, cfg.n_latents, 1)
 
     @property
