@@ -976,20 +976,21 @@ def save_figure(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
 
 
 def render_all(sweep_dir: str | Path, out_dir: str | Path | None = None, names: list[str] | None = None,
-               fits: Fits | None = None) -> list[tuple[str, list[Path] | None, str | None]]:
+               fits: Fits | None = None, all_runs: bool = False) -> list[tuple[str, list[Path] | None, str | None]]:
     """Every figure of FIGURES (or `names`) the sweep's data support, saved as <out_dir>/<name>.png and .pdf
     (default out_dir: <sweep_dir>/figures). The tables are loaded once; the laws drawn are `fits`, else the
     sweep's fits.json (fitted and written first when missing or stale: analysis.sweep_fits.sweep_fits).
     Returns (name, paths, None) for each figure written and (name, None, reason) for each skipped. Every
-    figure is closed."""
+    figure is closed. all_runs: also the rows of grid points since removed from the sweep."""
     sweep_dir = Path(sweep_dir)
     out = Path(out_dir) if out_dir is not None else sweep_dir / "figures"
-    runs, curves = load_runs(sweep_dir), load_curves(sweep_dir)
+    runs, curves = load_runs(sweep_dir, all_runs), load_curves(sweep_dir, all_runs)
     if fits is None and not runs.empty:
-        fits = sweep_fits(sweep_dir)
+        fits = sweep_fits(sweep_dir, all_runs)
     # the fits' convergence, so a figure can show the runs they left out as not converged
-    tables = {"runs": with_convergence(runs, curves), "curves": curves, "recovery": load_recovery(sweep_dir),
-              "layers": load_layers(sweep_dir), "sweep_dir": sweep_dir, "fits": fits}
+    tables = {"runs": with_convergence(runs, curves), "curves": curves,
+              "recovery": load_recovery(sweep_dir, all_runs), "layers": load_layers(sweep_dir, all_runs),
+              "sweep_dir": sweep_dir, "fits": fits}
     results = []
     for name in names or list(FIGURES):
         fn = FIGURES[name]

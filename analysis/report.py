@@ -20,12 +20,12 @@ th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;font-size:12px}img{max-
 figure{margin:1.5em 0}figcaption{font-size:13px;color:#555}"""
 
 
-def write_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
+def write_report(sweep_dir: str | Path, out: str | Path | None = None, all_runs: bool = False) -> Path:
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out else sweep_dir / "figures"
-    fits, skipped = sweep_fits(sweep_dir)  # fits.json when current: the report, figures and `fit` agree
-    figures = render_all(sweep_dir, out, fits=(fits, skipped))
-    runs = load_runs(sweep_dir)
+    fits, skipped = sweep_fits(sweep_dir, all_runs)  # fits.json when current: the report, figures and `fit` agree
+    figures = render_all(sweep_dir, out, fits=(fits, skipped), all_runs=all_runs)
+    runs = load_runs(sweep_dir, all_runs)
     esc = html.escape
     parts = [f"<!doctype html><meta charset='utf-8'><title>{esc(sweep_dir.name)}</title><style>{_STYLE}</style>",
              f"<h1>Sweep {esc(sweep_dir.name)}</h1>",

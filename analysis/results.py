@@ -2,50 +2,35 @@
 
     runs = load_runs("results/my-sweep")          # status, config and held-out metrics per run
     curves = load_curves("results/my-sweep")      # training curves of every run
-Integer columns with nulls stay integers (pandas Int64); files being written are never read (they carry a
-temporary name until complete).
+Only the runs the sweep holds now count (its plan.json); `all_runs=True` adds the rows of grid points since
+removed from the sweep. Integer columns with nulls stay integers (pandas Int64); files being written are
+never read (they carry a temporary name until complete); an unreadable file raises an error naming it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from sae_core.errors import DataError
-
-_TYPES = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
+from orchestrator.store import ResultsStore
 
 
-def _sweep_dir(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if not (path / "runs").is_dir() and not (path / "sweep.yaml").is_file():
-        raise DataError(f"{path}: not a sweep's results folder (it holds sweep.yaml and runs/); "
-                        "give results/<sweep name>")
-    return path
-
-
-def load_table(path: str | Path, table: str) -> pd.DataFrame:
+def load_table(path: str | Path, table: str, all_runs: bool = False) -> pd.DataFrame:
     """All `<table>/<run_id>.parquet` files of a sweep (runs, curves, layers, recovery) as one DataFrame."""
-    files = sorted((_sweep_dir(path) / table).glob("*.parquet"))
-    if not files:
-        return pd.DataFrame()
-    merged = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
-    return merged.to_pandas(types_mapper=_TYPES.get)
+    return ResultsStore.at(path).table(table, all_runs)
 
 
-def load_runs(path: str | Path) -> pd.DataFrame:
-    return load_table(path, "runs")
+def load_runs(path: str | Path, all_runs: bool = False) -> pd.DataFrame:
+    return load_table(path, "runs", all_runs)
 
 
-def load_curves(path: str | Path) -> pd.DataFrame:
-    return load_table(path, "curves")
+def load_curves(path: str | Path, all_runs: bool = False) -> pd.DataFrame:
+    return load_table(path, "curves", all_runs)
 
 
-def load_recovery(path: str | Path) -> pd.DataFrame:
-    return load_table(path, "recovery")
+def load_recovery(path: str | Path, all_runs: bool = False) -> pd.DataFrame:
+    return load_table(path, "recovery", all_runs)
 
 
-def load_layers(path: str | Path) -> pd.DataFrame:
-    return load_table(path, "layers")
+def load_layers(path: str | Path, all_runs: bool = False) -> pd.DataFrame:
+    return load_table(path, "layers", all_runs)

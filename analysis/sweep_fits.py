@@ -26,7 +26,7 @@ import pandas as pd
 from analysis.fits import Fit, convergence, fit_joint, fit_lofn, fit_loc, fit_lr, fits_table
 from analysis.results import load_curves, load_runs
 from analysis.selection import group_label, series, usable
-from orchestrator.store import write_parquet_atomic
+from orchestrator.store import ResultsStore, write_parquet_atomic
 from sae_core.errors import DataError
 from sae_core.io import write_json_atomic
 
@@ -103,28 +103,33 @@ def fit_runs(runs: pd.DataFrame, curves: pd.DataFrame | None = None, laws: tuple
     return fits, skipped
 
 
-def fit_sweep(sweep_dir: str | Path, laws: tuple[str, ...] = LAWS) -> tuple[dict[str, Fit], dict[str, str]]:
-    """Fits by name, and the reason each skipped law was skipped."""
-    runs = load_runs(sweep_dir)
+def fit_sweep(sweep_dir: str | Path, laws: tuple[str, ...] = LAWS,
+              all_runs: bool = False) -> tuple[dict[str, Fit], dict[str, str]]:
+    """Fits by name, and the reason each skipped law was skipped. all_runs: also the rows of grid points
+    since removed from the sweep."""
+    runs = load_runs(sweep_dir, all_runs)
     if runs.empty:
         raise DataError(f"{sweep_dir}: no finished runs to fit")
-    return fit_runs(runs, load_curves(sweep_dir), laws)
+    return fit_runs(runs, load_curves(sweep_dir, all_runs), laws)
 
 
-def fingerprint(sweep_dir: str | Path) -> str:
-    """A hash of the tables the fits read (runs/ and curves/) and of the fitting rules' version."""
-    h = hashlib.sha256(f"fits v{FITS_VERSION}".encode())
+def fingerprint(sweep_dir: str | Path, all_runs: bool = False) -> str:
+    """A hash of the tables the fits read (the counted runs' runs/ and curves/ files) and of the fitting
+    rules' version."""
+    h = hashlib.sha256(f"fits v{FITS_VERSION}{' all runs' if all_runs else ''}".encode())
+    store = ResultsStore.at(sweep_dir)
     for table in ("runs", "curves"):
-        for f in sorted((Path(sweep_dir) / table).glob("*.parquet")):
+        for f in store.files(table, all_runs):
             h.update(f"{table}/{f.name}".encode())
             h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
 
 
 def write_fits(sweep_dir: str | Path, fits: dict[str, Fit], skipped: dict[str, str],
-               laws: tuple[str, ...] = LAWS, inputs: str | None = None) -> Path:
-    """inputs: the tables' fingerprint when the caller has it (the tables the fits were fitted to)."""
-    out = Path(sweep_dir) / "fits"
+               laws: tuple[str, ...] = LAWS, inputs: str | None = None, out: str | Path | None = None) -> Path:
+    """inputs: the tables' fingerprint when the caller has it (the tables the fits were fitted to); out: the
+    folder (default <sweep_dir>/fits, where figures and the report look for them)."""
+    out = Path(out) if out is not None else Path(sweep_dir) / "fits"
     write_json_atomic(out / "fits.json", {"inputs": inputs or fingerprint(sweep_dir), "laws": list(laws),
                                           "fits": {name: f.to_dict() for name, f in fits.items()},
                                           "skipped": skipped})
@@ -148,14 +153,14 @@ def read_fits(sweep_dir: str | Path, inputs: str | None = None) -> tuple[dict[st
         return None
 
 
-def sweep_fits(sweep_dir: str | Path) -> tuple[dict[str, Fit], dict[str, str]]:
+def sweep_fits(sweep_dir: str | Path, all_runs: bool = False) -> tuple[dict[str, Fit], dict[str, str]]:
     """The sweep's fits: fits.json when it is current, else fitted now and written (where the folder is
     writable: on read-only storage the fits are used without being saved)."""
-    inputs = fingerprint(sweep_dir)  # hashing every table once, for the check and the write
+    inputs = fingerprint(sweep_dir, all_runs)  # hashing every table once, for the check and the write
     current = read_fits(sweep_dir, inputs)
     if current is not None:
         return current
-    fits, skipped = fit_sweep(sweep_dir)
+    fits, skipped = fit_sweep(sweep_dir, all_runs=all_runs)
     try:
         write_fits(sweep_dir, fits, skipped, inputs=inputs)
     except OSError:

@@ -1,4 +1,5 @@
-"""The `sae-scaling` command line. User errors print one message and exit 2; nothing else is printed."""
+"""The `sae-scaling` command line. A user error, a broken or unreadable file prints one line and exits 2; a
+bug prints one line saying so and exits 1. `--debug` shows the traceback instead."""
 from __future__ import annotations
 
 import argparse
@@ -39,14 +40,15 @@ def _logs(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from orchestrator.status import sweep_status
 
-    print(sweep_status(args.sweep_dir))
-    return 0
+    text, readable = sweep_status(args.sweep_dir)
+    print(text)
+    return 0 if readable else 2
 
 
 def _results(args: argparse.Namespace) -> int:
     from orchestrator.status import results_table
 
-    print(results_table(args.sweep_dir, args.query, args.columns, args.format))
+    print(results_table(args.sweep_dir, args.query, args.columns, args.format, args.all))
     return 0
 
 
@@ -54,8 +56,8 @@ def _fit(args: argparse.Namespace) -> int:
     from analysis.sweep_fits import LAWS, fit_sweep, print_fits, write_fits
 
     laws = (args.law,) if args.law else LAWS
-    fits, skipped = fit_sweep(args.sweep_dir, laws)
-    out = write_fits(args.sweep_dir, fits, skipped, laws)
+    fits, skipped = fit_sweep(args.sweep_dir, laws, args.all)
+    out = write_fits(args.sweep_dir, fits, skipped, laws, out=args.out)
     print_fits(fits, skipped)
     print(f"written to {out}")
     return 0 if fits else 1
@@ -64,7 +66,7 @@ def _fit(args: argparse.Namespace) -> int:
 def _figures(args: argparse.Namespace) -> int:
     from analysis.report import write_report
 
-    report = write_report(args.sweep_dir, args.out)
+    report = write_report(args.sweep_dir, args.out, args.all)
     print(f"report: {report}")
     return 0
 
@@ -90,8 +92,12 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+ALL_HELP = "also the runs of grid points since removed from the sweep (kept on disk, left out by default)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-scaling", description="Scaling-law experiments on sparse autoencoders.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="train a TopK SAE on synthetic activations with known features; report recovery")
     demo.add_argument("--tokens", type=int, default=5_000_000, help="training vectors (default 5M)")
@@ -131,16 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--query", help="pandas query, e.g. \"arch == 'topk' and k == 32\"")
     results.add_argument("--columns", help="comma-separated columns")
     results.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    results.add_argument("--all", action="store_true", help=ALL_HELP)
     results.set_defaults(func=_results)
 
     fit = sub.add_parser("fit", help="fit the scaling laws the sweep supports, with confidence intervals")
     fit.add_argument("sweep_dir", help="results/<sweep name>")
     fit.add_argument("--law", choices=["lofn", "loc", "joint", "lr"], help="only this law (default: all supported)")
+    fit.add_argument("--out", help="folder for fits.json and fits.parquet (default results/<sweep>/fits, where "
+                                   "figures read them; give another on read-only storage)")
+    fit.add_argument("--all", action="store_true", help=ALL_HELP)
     fit.set_defaults(func=_fit)
 
     figures = sub.add_parser("figures", help="every figure the sweep's data support (PNG, PDF) and an HTML report")
     figures.add_argument("sweep_dir", help="results/<sweep name>")
     figures.add_argument("--out", help="folder for the figures (default results/<sweep>/figures)")
+    figures.add_argument("--all", action="store_true", help=ALL_HELP)
     figures.set_defaults(func=_figures)
 
     export = sub.add_parser("export", help="write an SAE in a peer's on-disk format (SAELens, sparsify)")
@@ -161,13 +172,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(err: BaseException) -> tuple[str, int]:
+    """The one line (and exit code) a failure shows without --debug."""
+    if isinstance(err, SAEScalingError):
+        return str(err), 2
+    if isinstance(err, OSError) and err.filename is not None:  # storage: read-only, full, permissions, missing
+        hint = ("; give --out a writable folder, or run where the results are writable"
+                if err.errno in (13, 30) else "")  # EACCES, EROFS
+        return f"{err.filename}: {err.strerror or err}{hint}", 2
+    if isinstance(err, OSError):
+        return f"{type(err).__name__}: {err}", 2
+    return (f"internal error: {type(err).__name__}: {err} (a bug: please report it with the output of the same "
+            "command run with --debug)"), 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except SAEScalingError as err:
-        print(f"sae-scaling: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("sae-scaling: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        message, code = _error(err)
+        print(f"sae-scaling: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -107,10 +107,10 @@ def train_group(spec_data: dict, run: dict, results_root: str, cache_root: str |
     store = ResultsStore(results_root, spec.name)
     shards, replicas = spec.resources.layout
     world = shards * replicas
-    if plan.run_id in store.done():
+    if plan.run_id in store.done([plan.run_id]):
         return {}
     with store.lock(plan.run_id, LOCK_WAIT_S) as owned:
-        if not owned or plan.run_id in store.done():
+        if not owned or plan.run_id in store.done([plan.run_id]):
             return {}
         # A coordinator that died (its node lost) leaves its group and ranks behind, holding resources and writing
         # this run's checkpoints: removing the named group kills them before a new one starts.

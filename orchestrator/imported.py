@@ -49,6 +49,7 @@ def import_saes(sweep_path: str | Path, folders: list[str | Path], results: str 
                             f"{', '.join(map(str, layers))}")
         saes.append((folder, sae, layer))
     data.prepare(echo)
+    data.check_finite(echo)
     if not (store.dir / "sweep.yaml").is_file():  # importing into a sweep not run yet
         store.save_spec(sweep.text)
     splicer = splicer_of(spec, data)

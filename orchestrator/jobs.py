@@ -18,6 +18,7 @@ from orchestrator.scheduler import plan_sweep
 from sae_core.errors import ConfigError
 
 PACKAGES = ("sae_core", "orchestrator", "analysis")
+AGENT_WAIT_S = 30.0
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -41,15 +42,37 @@ def submit(sweep: str | Path, address: str, results: str, python: str = "python"
     client = _client(address)
     staging = Path(tempfile.mkdtemp(prefix="sae-scaling-job-"))
     try:
-        for pkg in PACKAGES:
-            shutil.copytree(_ROOT / pkg, staging / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy(sweep, staging / "sweep.yaml")
-        return client.submit_job(
-            entrypoint=f"{shlex.quote(python)} -m orchestrator.cli run sweep.yaml --address auto "
-                       f"--results {shlex.quote(results)}",
-            runtime_env={"working_dir": str(staging)}, metadata={"sweep": Path(sweep).stem})
+        stage(sweep, staging)
+        return _submit_job(client, address, entrypoint=f"{shlex.quote(python)} -m orchestrator.cli run sweep.yaml "
+                                                       f"--address auto --results {shlex.quote(results)}",
+                           runtime_env={"working_dir": str(staging)}, metadata={"sweep": Path(sweep).stem})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def stage(sweep: str | Path, staging: Path, root: Path = _ROOT) -> None:
+    """The job's working directory: the packages (no caches; nothing the job needs starts with a dot, while
+    editor swap files and .DS_Store do) and the sweep file."""
+    for pkg in PACKAGES:
+        shutil.copytree(root / pkg, staging / pkg, ignore=shutil.ignore_patterns("__pycache__", ".*"))
+    shutil.copy(sweep, staging / "sweep.yaml")
+
+
+def _submit_job(client, address: str, wait_s: float = AGENT_WAIT_S, **job) -> str:
+    """client.submit_job, waiting for a head that has just started: its job agent comes up seconds after the
+    dashboard answers, and until then every submission is refused."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except Exception as err:  # the Jobs client raises RuntimeError, HTTP and connection errors alike
+            message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            if "No available agent" in str(err) and time.time() < deadline:
+                time.sleep(2)
+                continue
+            waited = f" after waiting {wait_s:.0f} s for its job agent" if "No available agent" in str(err) else ""
+            raise ConfigError(f"--address {address}: the cluster did not take the job{waited} ({message}); "
+                              "check `ray status` on the head and submit again") from None
 
 
 def follow_logs(job_id: str, address: str) -> int:

@@ -1,8 +1,12 @@
 """From a validated sweep to its runs and packs.
 
 A run is one SAE: its resolved SAE and trainer configs, the layer it reads, and `run_id`, a hash of
-everything that determines its result (model, hook, data, the resolved configs, evaluation, data order),
-so re-running a sweep finds its finished runs and two grids that share a point share its run.
+everything that determines its result (model, hook, data, the resolved configs, evaluation, data order, and
+the content of the local inputs: activation files, text files, a model folder), so re-running a sweep finds
+its finished runs, two grids that share a point share its run, and a run whose inputs were replaced at the
+same path is a new run. Values are hashed resolved, not as spelt: `lr: auto` and the number it resolves to
+are one run. `settings` is the same hash without the input contents, so a plan can tell "the inputs
+changed" from "a new grid point" (pending_reason).
 
 A pack is a set of runs that read the same activation stream (same data, layer, data order, batch size
 and token budget): one worker trains them in lockstep from one stream, so the model's forward pass and the
@@ -13,12 +17,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sae_core.architectures import parse_sae_config
 from sae_core.architectures.base import registry
 from sae_core.config import parse_train_config, with_family_defaults
 from sae_core.errors import ConfigError
+from sae_core.fingerprint import paths_fingerprint
+from sae_core.lm.loading import local_model_fingerprint
+from sae_core.sources.files import expand_paths
 from sae_core.trainer import layout_problems
 from orchestrator.spec import SPECIAL_AXES, SweepSpec, sae_keys, train_keys
 
@@ -32,6 +39,13 @@ class RunPlan:
     sae: dict  # resolved SAE config
     train: dict  # resolved trainer config
     stream: str  # runs with equal streams can share one activation stream
+    settings: str = ""  # the run_id's hash without the input contents (pending_reason tells them apart)
+    inputs: dict = field(default_factory=dict)  # label -> content digest of a local input (data_identity)
+
+    def plan_entry(self) -> dict:
+        """What plan.json keeps of the run."""
+        return {"run_id": self.run_id, "arch": self.arch, "layer": self.layer, "axes": self.axes,
+                "settings": self.settings, "inputs": self.inputs}
 
     @property
     def n_latents(self) -> int:
@@ -54,11 +68,28 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def data_identity(spec: SweepSpec) -> dict:
-    """What determines the training vectors, without run-time knobs (device, batch_rows, cache path)."""
+def input_digests(spec: SweepSpec) -> dict[str, str]:
+    """label -> content digest (sae_core.fingerprint) of each local input the sweep reads: the activation
+    files, the text files or local dataset, the model folder (the embedded model's too). Synthetic data, a
+    hub dataset, the embedded corpus and a hub model contribute nothing: their settings are all there is on
+    this side (the spec names them)."""
+    inputs = {}
+    if spec.data.activations is not None:
+        inputs["data.activations"] = paths_fingerprint(expand_paths(spec.data.activations))
+    if spec.data.text is not None and (text := spec.data.text.local_fingerprint()) is not None:
+        inputs["data.text"] = text
+    if spec.data.has_model and (model := local_model_fingerprint(spec.model)) is not None:
+        inputs["model"] = model
+    return inputs
+
+
+def data_identity(spec: SweepSpec, inputs: dict[str, str] | None = None) -> dict:
+    """What determines the training vectors, without run-time knobs (device, batch_rows, cache path):
+    the settings, and under `inputs` the local inputs' content digests (input_digests; computed unless
+    given)."""
     data = spec.data.model_dump(mode="json", exclude={"device", "batch_rows"})
     return {"model": spec.model, "site": spec.hook.site if spec.data.has_model else None, "data": data,
-            "data_seed": spec.data_seed}
+            "data_seed": spec.data_seed, "inputs": input_digests(spec) if inputs is None else inputs}
 
 
 def _grid_points(spec: SweepSpec):
@@ -86,6 +117,7 @@ def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str 
     """Every run of the sweep, in grid order, duplicates (axes that do not apply) removed."""
     runs: dict[str, RunPlan] = {}
     identity = data_identity(spec)
+    inputs = identity.pop("inputs")
     for point, override in _grid_points(spec):
         arch = point["arch"]
         own = sae_keys(arch)
@@ -114,17 +146,40 @@ def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str 
             raise ConfigError("\n".join(f"{source}: {p} (resources: shards {shards}, replicas {replicas}; at {where})"
                                          for p in problems))
         train_dump = train_cfg.model_dump(mode="json")
-        stream = _hash({**identity, "batch_size": train_cfg.batch_size, "train_tokens": train_cfg.train_tokens})
+        stream = _hash({**identity, "inputs": inputs, "batch_size": train_cfg.batch_size,
+                        "train_tokens": train_cfg.train_tokens})
+        # hashed resolved: `lr: auto` and the number it resolves to train the same SAE
+        resolved = {**{k: v for k, v in train_dump.items()
+                       if k not in ("device", "eval_batch_size", "checkpoint_every_tokens")},
+                    "lr": train_cfg.resolved_lr(sae_cfg.n_latents)}
         for layer in layers:
             ident = {**identity, "layer": layer, "layers": spec.hook.layers if layer is None else None,
-                     "sae": sae_cfg.model_dump(mode="json"),
-                     "train": {k: v for k, v in train_dump.items() if k not in ("device", "eval_batch_size",
-                                                                                 "checkpoint_every_tokens")},
+                     "sae": sae_cfg.model_dump(mode="json"), "train": resolved,
                      "eval": spec.eval.model_dump(mode="json")}
-            run_id = _hash(ident)
+            settings = _hash(ident)
+            # without local inputs the id is the settings' hash: such sweeps keep the ids they had before
+            # inputs were hashed
+            run_id = _hash({**ident, "inputs": inputs}) if inputs else settings
             runs.setdefault(run_id, RunPlan(run_id, arch, layer, {**axes, **override}, sae_cfg.model_dump(mode="json"),
-                                            train_dump, f"{stream}-{layer}"))
+                                            train_dump, f"{stream}-{layer}", settings, inputs))
     return list(runs.values())
+
+
+def pending_reason(run: RunPlan, previous: list[dict]) -> str:
+    """Why a run that is not done has not been trained, from the previous plan.json's entries (possibly
+    none, or written before `settings` and `inputs` were kept): an earlier run with the same settings but
+    other input contents -> "inputs changed since run <its id>: <the labels that differ>"; the same run
+    planned before -> "planned before, not finished"; otherwise "new grid point"."""
+    for entry in previous:
+        if entry.get("run_id") == run.run_id:
+            return "planned before, not finished"
+    for entry in previous:
+        old = entry.get("inputs")
+        if entry.get("settings") != run.settings or not isinstance(old, dict) or old == run.inputs:
+            continue
+        changed = sorted(k for k in set(old) | set(run.inputs) if old.get(k) != run.inputs.get(k))
+        return f"inputs changed since run {entry.get('run_id')}: {', '.join(changed)}"
+    return "new grid point"
 
 
 def pack_runs(runs: list[RunPlan], pack_size: int, memory_bytes: float | None = None) -> list[list[RunPlan]]:

@@ -19,12 +19,13 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from orchestrator.group import process_options, train_group
-from orchestrator.plan import RunPlan, pack_runs, plan_runs
+from orchestrator.plan import RunPlan, pack_runs, pending_reason, plan_runs
 from orchestrator.spec import SweepSpec, load_spec
+from orchestrator.status import last_line, summary
 from orchestrator.store import DONE, ResultsStore
 from orchestrator.worker import now_utc, run_row, train_pack
 from sae_core.data import ActivationData
-from sae_core.errors import ConfigError, SAEScalingError
+from sae_core.errors import ConfigError, DataError, SAEScalingError
 from sae_core.evaluation.downstream import null_downstream
 from sae_core.text import cache_root as default_cache_root
 from sae_core.tracking import check_installed
@@ -35,6 +36,7 @@ POLL_S = 1.0
 @dataclass
 class Sweep:
     spec: SweepSpec
+    path: str  # the sweep file, for messages
     text: str  # the YAML as given
     data: ActivationData
     runs: list[RunPlan]
@@ -55,16 +57,38 @@ def plan_sweep(path: str | Path, results: str | Path = "results") -> Sweep:
     except SAEScalingError as err:
         raise type(err)(f"{path}: {err}") from None
     runs = plan_runs(spec, data.d_in, data.run_layers(), source=str(path))
-    return Sweep(spec, Path(path).read_text(), data, runs, ResultsStore(results, spec.name))
+    return Sweep(spec, str(path), Path(path).read_text(), data, runs, ResultsStore(results, spec.name))
 
 
 def _fmt_flops(x: float) -> str:
     return f"{x:.2e}"
 
 
+def run_states(sweep: Sweep) -> dict[str, str]:
+    """run_id -> done, failed (with its error), broken (its unreadable files) or pending (and why)."""
+    store, ids = sweep.store, [r.run_id for r in sweep.runs]
+    broken = store.broken(ids)
+    rows = store.rows_of(rid for rid in ids if rid not in broken)
+    try:
+        previous = store.plan()
+    except DataError:  # rewritten by the next run
+        previous = []
+    states = {}
+    for run in sweep.runs:
+        row = rows.get(run.run_id)
+        if run.run_id in broken:
+            states[run.run_id] = "broken: " + ", ".join(str(p.relative_to(store.dir)) for p, _ in broken[run.run_id])
+        elif row is not None and row["status"] in DONE:
+            states[run.run_id] = "done"
+        elif row is not None:
+            states[run.run_id] = f"{row['status']}: " + last_line(row.get("error"))
+        else:
+            states[run.run_id] = "pending: " + pending_reason(run, previous)
+    return states
+
+
 def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:
-    rows = sweep.store.rows()  # none yet for a new sweep: globbing a missing folder finds nothing
-    done = {rid for rid, row in rows.items() if row["status"] in DONE}
+    states = run_states(sweep)
     header = f"{'run_id':16}  {'arch':10} {'layer':>5} {'n_latents':>9} {'k':>5} {'l1_coeff':>9} {'lr':>8} " \
              f"{'seed':>4} {'tokens':>12} {'est. FLOPs':>10}  state"
     echo(header)
@@ -72,13 +96,14 @@ def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:
     for run in sweep.runs:
         flops = run.flops()
         total_flops += flops
-        state = "done" if run.run_id in done else rows.get(run.run_id, {}).get("status", "pending")
+        state = states[run.run_id]
         todo_flops += 0 if state == "done" else flops
         layer = "all" if run.layer is None and sweep.spec.data.has_model else ("-" if run.layer is None else run.layer)
         lr = run.train["lr"]
         echo(f"{run.run_id:16}  {run.arch:10} {layer!s:>5} {run.n_latents:>9} {run.sae.get('k', '-')!s:>5} "
              f"{run.sae.get('l1_coeff', '-')!s:>9} {lr if isinstance(lr, str) else f'{lr:.2e}':>8} "
              f"{run.train['seed']:>4} {run.train['train_tokens']:>12,} {_fmt_flops(flops):>10}  {state}")
+    done = {rid for rid, state in states.items() if state == "done"}
     shards, replicas = sweep.spec.resources.layout
     if shards * replicas > 1:
         units = f"{len(sweep.runs) - len(done)} runs to train, each on {shards} shards x {replicas} replicas"
@@ -152,6 +177,23 @@ def process_resources(ray, spec: SweepSpec) -> dict:
     return need
 
 
+def check_memory(ray, sweep: Sweep, runs: list[RunPlan]) -> None:
+    """A run whose estimated training memory (RunPlan.memory_bytes, split over its shards) exceeds every live
+    node's memory would sit at 0 tokens until the node swaps or kills it: refused now, like a GPU demand no
+    node meets. Host memory bounds a GPU run too (its state passes through it at start and at checkpoints)."""
+    capacity = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    shards = sweep.spec.resources.layout[0]
+    too_big = [r for r in runs if capacity and r.memory_bytes() / shards > capacity]
+    if too_big:
+        run = max(too_big, key=RunPlan.memory_bytes)
+        raise ConfigError(
+            f"{sweep.path}: {len(too_big)} runs need more memory than any node has, e.g. run {run.run_id} "
+            f"({run.arch}, n_latents {run.n_latents}, train.batch_size {run.train['batch_size']}): about "
+            f"{run.memory_bytes() / shards / 2**30:,.1f} GiB per process (fp32 weights, gradients and Adam moments, "
+            f"a dense [batch, n_latents] pre-activation), the largest node offers {capacity / 2**30:,.1f} GiB; "
+            "lower n_latents or train.batch_size, or split the latents with resources.shards")
+
+
 class Progress:
     """One line: runs done / running / failed / pending, tokens per second, ETA."""
 
@@ -160,16 +202,19 @@ class Progress:
         self.total = {r.run_id: r.train["train_tokens"] for r in runs}
         self.t0, self.last = time.time(), 0.0
         self.tty = sys.stdout.isatty()
+        self.resumed = self._tokens({}, sweep.store.progress())  # trained before this run: not in the rate
+
+    def _tokens(self, statuses: dict[str, str], prog: dict[str, dict]) -> int:
+        return sum(statuses.get(r) in DONE and self.total[r] or min(prog.get(r, {}).get("tokens", 0), self.total[r])
+                   for r in self.total)
 
     def show(self, statuses: dict[str, str], running: int, force: bool = False) -> None:
         now = time.time()
         if not force and now - self.last < (1 if self.tty else 15):
             return
         self.last = now
-        prog = self.sweep.store.progress()
-        tokens = sum(statuses.get(r) in DONE and self.total[r] or min(prog.get(r, {}).get("tokens", 0), self.total[r])
-                     for r in self.total)
-        rate = tokens / max(now - self.t0, 1e-9)
+        tokens = self._tokens(statuses, self.sweep.store.progress())
+        rate = max(tokens - self.resumed, 0) / max(now - self.t0, 1e-9)
         left = sum(self.total.values()) - tokens
         eta = f"{left / rate:,.0f} s" if rate > 0 else "?"
         done = sum(s in DONE for s in statuses.values())
@@ -187,12 +232,19 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
     """Train every run of the sweep not yet done; returns the exit code (0: all ok, 1: some failed)."""
     sweep = plan_sweep(path, results)
     store = sweep.store
-    done = store.done()
+    ids = [r.run_id for r in sweep.runs]
+    broken = store.broken(ids)
+    done = store.done(rid for rid in ids if rid not in broken)
     todo = [r for r in sweep.runs if r.run_id not in done]
-    ray = connect(address)
-    need = process_resources(ray, sweep.spec)
+    if todo:  # checked before anything is written
+        sweep.data.check_finite(echo)
+        ray = connect(address)
+        need = process_resources(ray, sweep.spec)
+        check_memory(ray, sweep, todo)
+    for line in store.set_aside(broken):
+        echo(line)
     store.save_spec(sweep.text)
-    store.save_plan([{"run_id": r.run_id, "arch": r.arch, "layer": r.layer, "axes": r.axes} for r in sweep.runs])
+    store.save_plan([r.plan_entry() for r in sweep.runs])
     echo(f"sweep {sweep.spec.name}: {len(sweep.runs)} runs, {len(done)} already done -> {store.dir}")
     if not todo:
         return 0
@@ -240,36 +292,20 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
         echo("\nstopped: finished runs are saved; `sae-scaling run` again resumes the rest from their checkpoints")
         return 130
     progress.show(statuses, 0, force=True)
-    rows = store.rows()
-    skipped = [r.run_id for r in todo if r.run_id not in rows]
+    skipped = [r.run_id for r in todo if not store.path("runs", r.run_id).is_file()]
     if skipped:
         echo(f"{len(skipped)} runs were held by another process (their lock); `sae-scaling status` shows them")
     summary(store, echo)
-    return 0 if all(rows.get(r.run_id, {}).get("status") in DONE for r in todo if r.run_id not in skipped) else 1
+    return 0 if store.done(ids) >= {r.run_id for r in todo} - set(skipped) else 1
 
 
 def _record_failure(sweep: Sweep, pack: list[RunPlan], err: Exception, statuses: dict[str, str]) -> None:
     message = str(getattr(err, "cause", None) or err).strip().splitlines()
     reason = f"{type(err).__name__}: {message[-1] if message else ''}"
-    finished = sweep.store.rows()
+    finished = sweep.store.done(r.run_id for r in pack)
     for run in pack:
-        if run.run_id in finished and finished[run.run_id]["status"] in DONE:
+        if run.run_id in finished:
             continue
         row = run_row(sweep.spec, run, None, null_downstream("run failed"), now_utc(), reason)
         sweep.store.write_run(row)
         statuses[run.run_id] = "failed"
-
-
-SUMMARY_COLUMNS = ["arch", "layer", "n_latents", "k", "l1_coeff", "lr", "seed", "status", "nmse", "l0",
-                   "dead_frac", "downstream_loss", "wall_seconds"]
-
-
-def summary(store: ResultsStore, echo: Callable[[str], None] = print) -> None:
-    from analysis.results import load_runs
-
-    runs = load_runs(store.dir)
-    if runs.empty:
-        return
-    cols = [c for c in SUMMARY_COLUMNS if c in runs and runs[c].notna().any()]
-    table = runs.sort_values([c for c in ("arch", "layer", "n_latents", "k", "l1_coeff") if c in cols])[cols]
-    echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

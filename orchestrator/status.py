@@ -1,43 +1,57 @@
-"""`sae-scaling status` and `sae-scaling results`: what a sweep's store holds, read without Ray."""
+"""`sae-scaling status` and `sae-scaling results`, and the table a finished `run` prints: what a sweep's store
+holds, read without Ray and without writing (they work on read-only storage)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
-from analysis.results import load_runs
 from orchestrator.store import DONE, ResultsStore
-from sae_core.errors import ConfigError, DataError
+from sae_core.errors import ConfigError
+
+SUMMARY_COLUMNS = ["arch", "layer", "n_latents", "k", "l1_coeff", "lr", "seed", "status", "nmse", "l0",
+                   "dead_frac", "downstream_loss", "wall_seconds"]
 
 
-def _store(sweep_dir: str | Path) -> ResultsStore:
-    path = Path(sweep_dir).expanduser().resolve()
-    if not (path / "sweep.yaml").is_file():
-        raise DataError(f"{sweep_dir}: not a sweep's results folder (no sweep.yaml); give results/<sweep name>")
-    return ResultsStore(path.parent, path.name)
+def last_line(text: str | None) -> str:
+    """A failure's reason: the last line of its error (a traceback's is the exception)."""
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else ""
 
 
-def sweep_status(sweep_dir: str | Path) -> str:
-    store = _store(sweep_dir)
-    rows, running, planned = store.rows(), store.running(), store.plan()
-    ids = [r["run_id"] for r in planned] or list(rows)
-    state = {rid: rows[rid]["status"] if rid in rows and rows[rid]["status"] in DONE
+def sweep_status(sweep_dir: str | Path) -> tuple[str, bool]:
+    """The status text, and False when some run's files are unreadable (the command then exits non-zero)."""
+    store = ResultsStore.at(sweep_dir)
+    planned = store.plan()
+    ids = [r["run_id"] for r in planned] or [p.stem for p in sorted((store.dir / "runs").glob("*.parquet"))]
+    broken = store.broken(ids)
+    rows = store.rows_of(rid for rid in ids if rid not in broken)
+    running = store.running()
+    state = {rid: "broken" if rid in broken else rows[rid]["status"] if rid in rows and rows[rid]["status"] in DONE
              else "running" if rid in running else rows.get(rid, {}).get("status", "pending") for rid in ids}
-    counts = {s: sum(v == s for v in state.values()) for s in ("ok", "diverged", "running", "failed", "pending")}
+    kinds = ("ok", "diverged", "running", "failed", "pending") + (("broken",) if broken else ())
+    counts = {s: sum(v == s for v in state.values()) for s in kinds}
     lines = [f"{store.sweep}: {len(ids)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
     for rid, s in state.items():
         if s in ("failed", "diverged"):
-            lines.append(f"  {rid} {s}: {(rows[rid].get('error') or '').strip().splitlines()[-1:] or ''}")
+            lines.append(f"  {rid} {s}: {last_line(rows[rid].get('error'))}")
+    for rid, problems in broken.items():
+        for path, why in problems:
+            lines.append(f"  {rid} broken: {path}: unreadable ({why})")
+    if broken:
+        lines.append("  run the sweep again (`sae-scaling run SWEEP.yaml`) to set the broken files aside and train "
+                     "those runs anew")
     progress = store.progress()
     for rid in (r for r, s in state.items() if s == "running"):
         p = progress.get(rid, {})
         lines.append(f"  {rid} running: {p.get('tokens', 0):,} / {p.get('total', 0):,} tokens")
-    return "\n".join(lines)
+    return "\n".join(lines), not broken
 
 
 def results_table(sweep_dir: str | Path, query: str | None = None, columns: str | None = None,
-                  fmt: str = "table") -> str:
-    runs = load_runs(_store(sweep_dir).dir)
+                  fmt: str = "table", all_runs: bool = False) -> str:
+    runs = ResultsStore.at(sweep_dir).table("runs", all_runs)
     if query:
         try:
             runs = runs.query(query)
@@ -56,3 +70,12 @@ def results_table(sweep_dir: str | Path, query: str | None = None, columns: str 
         return runs.to_json(orient="records", date_format="iso")
     with pd.option_context("display.max_columns", None, "display.width", 200):
         return runs.to_string(index=False) if len(runs) else "(no runs)"
+
+
+def summary(store: ResultsStore, echo: Callable[[str], None] = print) -> None:
+    runs = store.table("runs")
+    if runs.empty:
+        return
+    cols = [c for c in SUMMARY_COLUMNS if c in runs and runs[c].notna().any()]
+    table = runs.sort_values([c for c in ("arch", "layer", "n_latents", "k", "l1_coeff") if c in cols])[cols]
+    echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

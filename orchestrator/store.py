@@ -6,9 +6,12 @@
   saes/<run_id>/                             weights, config, latent stats, trainer checkpoint
   progress/<run_id>.json                     tokens done, for the driver's progress line
   locks/<run_id>.lock                        held while a process trains the run
+  plan.json                                  the runs the sweep now holds (only these count)
+  broken/<table>/<file>.<time>               unreadable files, set aside by `run` (never deleted)
 
 Every file is written to a temporary name and renamed. A run counts as done when its row says ok or
-diverged; a failed row is retried by the next `run`.
+diverged; a failed row is retried by the next `run`, and so is a run any of whose files is unreadable.
+Reading needs no write access: `status`, `results`, `fit --out` and `figures --out` work on read-only storage.
 """
 from __future__ import annotations
 
@@ -20,13 +23,19 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from safetensors import safe_open
 
+from sae_core.errors import DataError
 from sae_core.io import write_atomic, write_json_atomic, write_text_atomic
 
 DONE = ("ok", "diverged")
+IMPORTED = "import-"  # run ids of SAEs added by `sae-scaling import`: never in a plan, always counted
+SAE_WEIGHTS, SAE_CONFIG = "sae.safetensors", "config.json"
 
 # Types of the runs table's fixed columns, so a column that is null in one run is still typed.
 RUN_SCHEMA = {
@@ -45,6 +54,55 @@ RUN_SCHEMA = {
     "config_json": pa.string(), "started_at": pa.timestamp("us", tz="UTC"), "finished_at": pa.timestamp("us", tz="UTC"),
 }
 TABLES = ("runs", "curves", "layers", "recovery")
+# Integer columns with nulls stay integers (pandas Int64)
+_PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
+
+
+class BrokenFile(DataError):
+    """A results file that cannot be read: truncated, overwritten with garbage, not what its name says."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: unreadable ({reason}); run the sweep again (`sae-scaling run SWEEP.yaml`) to "
+                         f"set it aside and train run {path.stem} anew, or delete it")
+
+
+def read_parquet(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except PermissionError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise BrokenFile(path, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) \
+            from None
+
+
+def _read_row(path: Path) -> dict:
+    table = read_parquet(path)
+    if table.num_rows != 1 or not {"run_id", "status"} <= set(table.column_names):
+        raise BrokenFile(path, f"{table.num_rows} rows, columns {', '.join(table.column_names[:5])}...; a run's "
+                               "row file holds one row with run_id and status")
+    return table.to_pylist()[0]
+
+
+def _json_problem(path: Path) -> str | None:
+    try:
+        json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"not JSON: {err}"
+    return None
+
+
+def _weights_problem(path: Path) -> str | None:
+    """Why an SAE's weights file cannot be loaded (safetensors checks the header against the file's size)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except PermissionError:
+        raise
+    except Exception as err:  # SafetensorError has no stable base class to catch
+        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return None
 
 
 def write_parquet_atomic(path: Path, rows: list[dict], schema: dict | None = None) -> None:
@@ -82,6 +140,15 @@ class ResultsStore:
         self.dir = Path(root).expanduser().resolve() / sweep
         self.sweep = sweep
 
+    @classmethod
+    def at(cls, sweep_dir: str | Path) -> "ResultsStore":
+        """The store of an existing results folder (results/<sweep>)."""
+        path = Path(sweep_dir).expanduser().resolve()
+        if not (path / "sweep.yaml").is_file() and not (path / "runs").is_dir():
+            raise DataError(f"{sweep_dir}: not a sweep's results folder (it holds sweep.yaml and runs/); "
+                            "give results/<sweep name>")
+        return cls(path.parent, path.name)
+
     def path(self, table: str, run_id: str) -> Path:
         return self.dir / table / f"{run_id}.parquet"
 
@@ -89,21 +156,51 @@ class ResultsStore:
         return self.dir / "saes" / run_id
 
     def save_spec(self, text: str) -> None:
-        write_text_atomic(self.dir / "sweep.yaml", text)
+        self._save_if_changed(self.dir / "sweep.yaml", text)
 
     def save_plan(self, runs: list[dict]) -> None:
-        """The planned runs (run_id, arch, layer, axes), for `status` to count what is pending."""
-        write_json_atomic(self.dir / "plan.json", runs)
+        """The planned runs (run_id, arch, layer, axes, settings, inputs: RunPlan.plan_entry): only their rows count in status, results, fits
+        and figures, so a grid point removed from the sweep leaves its files on disk but out of the analysis."""
+        self._save_if_changed(self.dir / "plan.json", json.dumps(runs, indent=2, sort_keys=True, default=str) + "\n")
+
+    @staticmethod
+    def _save_if_changed(path: Path, text: str) -> None:
+        """Unchanged files are not rewritten, so a `run` with nothing to do works on read-only storage."""
+        try:
+            if path.read_text() == text:
+                return
+        except (OSError, UnicodeDecodeError):
+            pass
+        write_text_atomic(path, text)
 
     def plan(self) -> list[dict]:
         path = self.dir / "plan.json"
-        return json.loads(path.read_text()) if path.is_file() else []
+        if not path.is_file():
+            return []
+        try:
+            plan = json.loads(path.read_text())
+            if not isinstance(plan, list) or not all(isinstance(r, dict) and "run_id" in r for r in plan):
+                raise ValueError("expected a list of runs, each with a run_id")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: not a plan written by `sae-scaling run` ({err}); running the sweep again "
+                            "rewrites it") from None
+        return plan
+
+    def counted(self, all_runs: bool = False) -> Callable[[str], bool]:
+        """Which run ids count: the plan's (and imported SAEs'), or every one on disk when all_runs or when
+        there is no plan yet."""
+        planned = None if all_runs else {r["run_id"] for r in self.plan()} or None
+        return lambda rid: planned is None or rid in planned or rid.startswith(IMPORTED)
 
     def running(self) -> set[str]:
-        """Runs whose lock some live process holds."""
+        """Runs whose lock some live process holds. Read-only: flock needs no write access, so this works
+        on storage mounted read-only."""
         held = set()
         for path in (self.dir / "locks").glob("*.lock"):
-            fd = os.open(path, os.O_RDWR)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:  # removed meanwhile, or not ours to read: nobody we can see holds it
+                continue
             try:
                 if not _try_lock(fd):
                     held.add(path.stem)
@@ -111,19 +208,71 @@ class ResultsStore:
                 os.close(fd)
         return held
 
-    # --- run rows ------------------------------------------------------------------------------
-    def rows(self) -> dict[str, dict]:
-        """run_id -> its runs-table row, for every finished run (partial files are never read: they are
-        written under a temporary name)."""
-        out = {}
-        for path in sorted((self.dir / "runs").glob("*.parquet")):
-            table = pq.read_table(path)
-            if table.num_rows:
-                out[path.stem] = table.to_pylist()[0]
+    # --- run rows and tables ------------------------------------------------------------------------
+    def files(self, table: str, all_runs: bool = False) -> list[Path]:
+        """The table's files of the runs that count (partial files are never listed: they are written under a
+        temporary name)."""
+        counted = self.counted(all_runs)
+        return [p for p in sorted((self.dir / table).glob("*.parquet")) if counted(p.stem)]
+
+    def table(self, table: str, all_runs: bool = False) -> pd.DataFrame:
+        """All `<table>/<run_id>.parquet` files of the runs that count, as one DataFrame; a broken file raises
+        BrokenFile."""
+        files = self.files(table, all_runs)
+        if not files:
+            return pd.DataFrame()
+        merged = pa.concat_tables([read_parquet(f) for f in files], promote_options="permissive")
+        return merged.to_pandas(types_mapper=_PANDAS_TYPES.get)
+
+    def broken(self, run_ids) -> dict[str, list[tuple[Path, str]]]:
+        """run_id -> its unreadable files (row, tables, SAE weights) with the reason, for the given runs that
+        have a row."""
+        out: dict[str, list[tuple[Path, str]]] = {}
+        for rid in run_ids:
+            if not self.path("runs", rid).is_file():
+                continue
+            problems = []
+            for table in TABLES:
+                path = self.path(table, rid)
+                if path.is_file():
+                    try:
+                        _read_row(path) if table == "runs" else read_parquet(path)
+                    except BrokenFile as err:
+                        problems.append((path, err.reason))
+            weights, config = self.sae_dir(rid) / SAE_WEIGHTS, self.sae_dir(rid) / SAE_CONFIG
+            if weights.is_file() and (why := _weights_problem(weights)):
+                problems.append((weights, why))
+            if config.is_file() and (why := _json_problem(config)):
+                problems.append((config, why))
+            if problems:
+                out[rid] = problems
         return out
 
-    def done(self) -> set[str]:
-        return {rid for rid, row in self.rows().items() if row["status"] in DONE}
+    def set_aside(self, broken: dict[str, list[tuple[Path, str]]]) -> list[str]:
+        """Moves each broken file, and its run's row, to broken/ so the run is trained again; one line each."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        lines = []
+        for rid, problems in broken.items():
+            paths = dict.fromkeys([p for p, _ in problems] + [self.path("runs", rid)])
+            for path in paths:
+                if not path.is_file():
+                    continue
+                dest = self.dir / "broken" / path.parent.name / f"{path.name}.{stamp}"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, dest)
+            reasons = "; ".join(f"{p.relative_to(self.dir)}: {why}" for p, why in problems)
+            lines.append(f"run {rid}: unreadable files set aside in {self.dir / 'broken'} ({reasons}); training it "
+                         "again")
+        return lines
+
+    def rows_of(self, run_ids) -> dict[str, dict]:
+        """run_id -> row, for those of run_ids that have one."""
+        paths = (self.path("runs", rid) for rid in run_ids)
+        return {p.stem: _read_row(p) for p in paths if p.is_file()}
+
+    def done(self, run_ids) -> set[str]:
+        """Those of run_ids whose row says ok or diverged."""
+        return {rid for rid, row in self.rows_of(run_ids).items() if row["status"] in DONE}
 
     def write_run(self, row: dict, curve: list[dict] = (), layers: list[dict] = (), recovery: list[dict] = ()) -> None:
         """The run's tables first, its row last: a row on disk means everything else is there too."""

@@ -26,6 +26,7 @@ from orchestrator.plan import RunPlan, data_identity
 from orchestrator.spec import SweepSpec, parse_spec
 from orchestrator.store import ResultsStore
 from sae_core.data import ActivationData
+from sae_core.errors import SAEScalingError
 from sae_core.evaluation.run import RunEvaluation, evaluate_run
 from sae_core.evaluation.downstream import null_downstream
 from sae_core.parallel.launch import init_distributed
@@ -113,8 +114,11 @@ def run_row(spec: SweepSpec, plan: RunPlan, result: RunResult | None, evaluation
         "flops": result.flops if result else None, "wall_seconds": result.wall_seconds if result else None,
         "device": result.device if result else None, **(result.metrics if result else {}),
         "ema_used": result.ema_used if result else None, **evaluation,
+        # the input digests the run was identified by (not re-read per run); an imported SAE's plan has
+        # none (no settings), so its row takes them now
         "config_json": json.dumps({"sae": plan.sae, "train": plan.train, "axes": plan.axes,
-                                   "data": data_identity(spec), "eval": spec.eval.model_dump(mode="json")},
+                                   "data": data_identity(spec, plan.inputs if plan.settings else None),
+                                   "eval": spec.eval.model_dump(mode="json")},
                                   sort_keys=True, default=str),
         "started_at": started, "finished_at": now_utc(),
     }
@@ -153,9 +157,10 @@ def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root:
     plans = [RunPlan(**r) for r in runs]
     finished: dict[str, str] = {}
     with ExitStack() as stack:
-        done = store.done()
+        done = store.done(p.run_id for p in plans)
         owned = [p for p in plans if p.run_id not in done and stack.enter_context(store.lock(p.run_id, LOCK_WAIT_S))]
-        owned = [p for p in owned if p.run_id not in store.done()]  # finished while we waited for its lock
+        done = store.done(p.run_id for p in owned)  # finished while we waited for its lock
+        owned = [p for p in owned if p.run_id not in done]
         if not owned:
             return finished
         data = ActivationData(spec.model, spec.hook, spec.data).prepare()
@@ -175,8 +180,10 @@ def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root:
                 except StopIteration as stop:
                     results.append((run, stop.value, None))
                     active.remove(run)
-                except Exception:  # a bug or out-of-memory in one run must not take the pack down with it
-                    results.append((run, None, traceback.format_exc(limit=-3)))
+                except Exception as err:  # a bug or out-of-memory in one run must not take the pack down with it
+                    # bad input met mid-run (nan in a batch): its message says all, a traceback would bury it
+                    error = str(err) if isinstance(err, SAEScalingError) else traceback.format_exc(limit=-3)
+                    results.append((run, None, error))
                     active.remove(run)
             if time.time() - last_report > PROGRESS_EVERY_S or not active:
                 for run in active:

@@ -1,7 +1,8 @@
 """The activation cache: computed once, read (memory-mapped) by every run and sweep that needs the same
-activations. Keyed by everything that determines them: model, its dtype, hook site and layers, the text,
-context length, token handling, token counts and the storage dtype. Activations are stored raw; an SAE's
-input normalisation is applied when it reads them, so one cache serves every normalisation.
+activations. Keyed by everything that determines them: model (its name and the content of a local model
+folder), its dtype, hook site and layers, the text (with the content of local text files), context length,
+token handling, token counts and the storage dtype. Activations are stored raw; an SAE's input
+normalisation is applied when it reads them, so one cache serves every normalisation.
 
 Layout, under <root>/activations/<key>/:
   meta.json                                  the spec and the shard plan (token-row ranges per shard)
@@ -50,9 +51,15 @@ class CacheSpec:
     train_tokens: int
     eval_tokens: int
     store_dtype: str = "float16"
+    # the content of a local model folder (sae_core.lm.loading.local_model_fingerprint): `model` names only
+    # the path, and a folder re-saved with other weights must not reuse this cache; None for a hub id
+    model_fingerprint: str | None = None
 
     def key(self) -> str:
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if fields["model_fingerprint"] is None:  # left out, so a hub model's caches keep their earlier keys
+            del fields["model_fingerprint"]
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
         slug = "".join(c if c.isalnum() else "-" for c in Path(self.model).name)[:40]
         return f"{slug}-{self.site}-{digest}"
 
@@ -143,17 +150,39 @@ class ActivationCache:
             device = next(lm.model.parameters()).device
             todo = [(split, i, span) for split, shards in meta["plan"].items() for i, span in enumerate(shards)
                     if not all(_shard_ok(self.shard_path(split, layer, i)) for layer in self.spec.layers)]
+            store = STORE_DTYPES[self.spec.store_dtype]
             for n_done, (split, i, (start, end)) in enumerate(todo, 1):
                 parts = []
                 for lo in range(start, end, batch_rows):
                     ids = torch.from_numpy(tokens[lo:min(end, lo + batch_rows)].astype(np.int64)).to(device)
                     keep = torch.from_numpy(~excluded[lo:min(end, lo + batch_rows)]).to(device)
-                    parts.append(extractor(ids)[:, keep])  # [layers, kept vectors, d]
-                acts = torch.cat(parts, dim=1).to(STORE_DTYPES[self.spec.store_dtype]).cpu()
-                for layer, layer_acts in zip(self.spec.layers, acts):
+                    acts = extractor(ids)  # [layers, rows, positions, d]
+                    self._check_finite(acts, keep, extractor.layers, lo, self._model_advice())
+                    stored = acts.to(store)
+                    self._check_finite(stored, keep, extractor.layers, lo, f"data.cache_dtype {self.spec.store_dtype} "
+                                       "overflows at this magnitude: use data.cache_dtype: float32")
+                    parts.append(stored[:, keep])  # [layers, kept vectors, d]
+                acts = torch.cat(parts, dim=1).cpu()
+                for layer, layer_acts in zip(extractor.layers, acts):  # the extractor's order: sorted
                     self._write_shard(self.shard_path(split, layer, i), layer_acts)
                 echo(f"activation cache {self.dir.name}: {split} shard {i} ({n_done}/{len(todo)})")
             return self
+
+    def _model_advice(self) -> str:
+        if self.spec.model_dtype != "float32":
+            return f"{self.spec.model_dtype} overflows easily: use data.model_dtype: float32"
+        return "the model itself gives them in float32: check its weights"
+
+    def _check_finite(self, acts: torch.Tensor, keep: torch.Tensor, layers: list[int], row0: int,
+                      advice: str) -> None:
+        """Refuse nan or inf among the kept vectors of a batch of token rows starting at row0, before its shard
+        is written: a half-built cache is never counted as done, and training on it would only diverge."""
+        bad = ~torch.isfinite(acts).all(dim=-1) & keep  # [layers, rows, positions]
+        if bool(bad.any()):
+            layer, row, position = bad.nonzero()[0].tolist()
+            raise DataError(f"model {self.spec.model}: layer {layers[layer]} ({self.spec.site}) gives "
+                            f"nan or inf at token row {row0 + row}, position {position} of the text while building "
+                            f"the activation cache; {advice}")
 
     @staticmethod
     def _write_shard(path: Path, acts: torch.Tensor) -> None:

@@ -9,11 +9,15 @@ Every shard writes its rows into the folder of the step; once all have, rank 0 r
 Replicas hold identical state, so replica 0 of each shard writes it. A single process is one shard.
 
 Loading reads rows [start, stop) of every per-latent tensor from whichever files hold them, so a run
-resumes under a different number of shards, and `consolidate` reads all rows: the whole SAE.
+resumes under a different number of shards, and `consolidate` reads all rows: the whole SAE. A checkpoint
+that cannot be read back (damaged storage, a file lost) raises UnreadableCheckpoint; the trainer then moves
+it aside (`move_aside`) and starts the run from scratch rather than failing it on every retry.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,13 +25,24 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from sae_core.errors import DataError
+from sae_core.errors import ConfigError, DataError
 from sae_core.io import save_safetensors_atomic, write_json_atomic
 from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 MANIFEST = "trainer_state.json"
 SHARD_DIR = "trainer_state"
 DEAD_KEY = "dead.tokens_since_fired"
+BROKEN = ".broken"
+
+
+class UnreadableCheckpoint(DataError):
+    """The checkpoint's files cannot be read back into the model: truncated, garbage or missing."""
+
+    def __init__(self, out_dir: Path, err: Exception):
+        lines = str(err).strip().splitlines()  # load_state_dict's errors run over several lines
+        self.path, self.reason = Path(out_dir) / MANIFEST, f"{type(err).__name__}: {lines[0] if lines else ''}"
+        super().__init__(f"{self.path}: unreadable trainer checkpoint ({self.reason}); training the run again "
+                         f"moves it aside ({BROKEN}) and starts from scratch")
 
 
 @dataclass
@@ -89,7 +104,7 @@ def has_checkpoint(out_dir: Path) -> bool:
     return (Path(out_dir) / MANIFEST).is_file()
 
 
-def _read(out_dir: Path, start: int, stop: int, device: torch.device | str, keys=None) -> tuple[dict, dict]:
+def _read(out_dir: Path, start: int, stop: float, device: torch.device | str, keys=None) -> tuple[dict, dict]:
     """The manifest and its tensors, per-latent ones restricted to rows [start, stop)."""
     path = Path(out_dir) / MANIFEST
     try:
@@ -112,17 +127,52 @@ def _read(out_dir: Path, start: int, stop: int, device: torch.device | str, keys
                     parts[key].append(f.get_slice(key)[a - lo:b - lo])
         tensors.update({k: torch.cat(v) for k, v in parts.items()})
     except Exception as err:  # a truncated or foreign file: say which, do not guess
-        raise DataError(f"{path}: unreadable trainer checkpoint ({type(err).__name__}: {err}); delete it and "
-                        f"{SHARD_DIR}/ to restart the run") from None
+        raise UnreadableCheckpoint(out_dir, err) from None
     return manifest, tensors
 
 
+def move_aside(out_dir: Path) -> list[Path]:
+    """Rename the manifest and the shard folder with a .broken suffix, so the run starts from scratch and the
+    files stay for a post-mortem; returns the new paths."""
+    moved = []
+    for path in (Path(out_dir) / MANIFEST, Path(out_dir) / SHARD_DIR):
+        if path.exists():
+            dest = _free_name(path)
+            os.replace(path, dest)
+            moved.append(dest)
+    return moved
+
+
+def _free_name(path: Path) -> Path:
+    """path.broken, else path.1.broken, path.2.broken, ...: an earlier broken checkpoint is kept too."""
+    n, dest = 0, path.with_name(path.name + BROKEN)
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}.{n}{BROKEN}")
+    return dest
+
+
 def load_checkpoint(out_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
-                    mesh: Mesh = TRIVIAL) -> tuple[TrainerState, torch.Tensor, dict[str, torch.Tensor]]:
-    """Restore this shard's model and optimizer in place; return the scalar state, dead counters and EMA."""
+                    fingerprint: str) -> tuple[TrainerState, torch.Tensor, dict[str, torch.Tensor]]:
+    """Restore this shard's model and optimizer in place; return the scalar state, dead counters and EMA.
+    A checkpoint of another config (its fingerprint) is a ConfigError, raised before anything is loaded."""
     start = model.latent_start
     manifest, tensors = _read(out_dir, start, start + model.n_local, device)
-    state = TrainerState(**manifest["state"])
+    try:
+        state = TrainerState(**manifest["state"])
+    except (KeyError, TypeError) as err:
+        raise UnreadableCheckpoint(out_dir, err) from None
+    if state.fingerprint != fingerprint:
+        raise ConfigError(f"{out_dir}: its checkpoint belongs to a different config; delete it or use another "
+                          "out_dir")
+    try:
+        return (state, *_restore(tensors, model, opt))
+    except (KeyError, RuntimeError, ValueError) as err:  # tensors missing or of other shapes: a foreign file
+        raise UnreadableCheckpoint(out_dir, err) from None
+
+
+def _restore(tensors: dict[str, torch.Tensor], model: torch.nn.Module,
+             opt: torch.optim.Optimizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state = {}
     for i, (name, _) in enumerate(model.named_parameters()):
@@ -135,18 +185,19 @@ def load_checkpoint(out_dir: Path, model: torch.nn.Module, opt: torch.optim.Opti
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"].cpu())
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-    return state, tensors[DEAD_KEY], ema
+    return tensors[DEAD_KEY], ema
 
 
 def consolidate(out_dir: Path, device: str | torch.device = "cpu"):
     """The SAE of a run's latest checkpoint, whole, in one process (however many shards wrote it)."""
     from sae_core.sae import SAE
 
-    manifest = json.loads((Path(out_dir) / MANIFEST).read_text()) if has_checkpoint(out_dir) else None
-    if manifest is None:
+    if not has_checkpoint(out_dir):
         raise DataError(f"{Path(out_dir) / MANIFEST}: not found; the run has written no checkpoint")
-    n = manifest["sae"]["n_latents"]
-    _, tensors = _read(out_dir, 0, n, device, keys={"model"})
-    sae = SAE(manifest["sae"], init_seed=None)
-    sae.arch.load_state_dict({k[6:]: v for k, v in tensors.items()})
+    manifest, tensors = _read(out_dir, 0, math.inf, device, keys={"model"})  # every shard's rows
+    try:
+        sae = SAE(manifest["sae"], init_seed=None)
+        sae.arch.load_state_dict({k[6:]: v for k, v in tensors.items()})
+    except (KeyError, RuntimeError) as err:
+        raise UnreadableCheckpoint(out_dir, err) from None
     return sae.to(device)

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,10 @@ import torch
 
 from sae_core.architectures import LossOutput, SAEConfig, StepContext, parse_sae_config
 from sae_core.architectures.base import input_rms, registry
-from sae_core.checkpoint import TrainerState, has_checkpoint, load_checkpoint, save_checkpoint
+from sae_core.checkpoint import (TrainerState, UnreadableCheckpoint, has_checkpoint, load_checkpoint,
+                                 move_aside, save_checkpoint)
 from sae_core.config import TrainConfig, parse_train_config, with_family_defaults
-from sae_core.errors import ConfigError
+from sae_core.errors import ConfigError, DataError
 from sae_core.geometric_median import geometric_median
 from sae_core.kernels import resolve_selection
 from sae_core.evaluation.reconstruction import Evaluation, evaluate, save_latent_stats
@@ -141,7 +143,9 @@ class Trainer:
     def _init_from_data(self, sae: SAE) -> tuple[float, float]:
         """Initialise the SAE from the init sample; return mse_scale and input_rms (StepContext)."""
         cfg = self.cfg
-        sample, _ = normalize(self.source.sample(cfg.init_samples).to(torch.float64), self.sae_cfg.normalization)
+        raw = self.source.sample(cfg.init_samples)
+        refuse_nonfinite(raw, f"the init sample (the first {cfg.init_samples} training vectors)")
+        sample, _ = normalize(raw.to(torch.float64), self.sae_cfg.normalization)
         sae.arch.reset_parameters(cfg.tied_init, cfg.seed)
         with torch.no_grad():
             if cfg.b_pre_init == "geometric_median":
@@ -232,10 +236,10 @@ class Trainer:
         base_lr = cfg.resolved_lr(self.sae_cfg.n_latents)
         opt = self._optimizer(sae, base_lr)
         if self.out_dir is not None and has_checkpoint(self.out_dir):
-            st, tsf, ema = load_checkpoint(self.out_dir, sae.arch, opt, device, self.mesh)
-            if st.fingerprint != self.fingerprint:
-                raise ConfigError(f"{self.out_dir}: its checkpoint belongs to a different config; delete it or use "
-                                  "another out_dir")
+            resumed = self._resume(sae, opt)
+            if resumed is None:
+                return self.start()  # afresh: the failed load may have set some weights and the RNG
+            st, tsf, ema = resumed
         else:
             mse_scale, rms = self._init_from_data(sae)
             st = TrainerState(mse_scale=mse_scale, input_rms=rms, fingerprint=self.fingerprint,
@@ -243,6 +247,24 @@ class Trainer:
             tsf = torch.zeros(sae.arch.n_local, dtype=torch.int64, device=device)
             ema = {k: torch.zeros_like(p) for k, p in sae.arch.named_parameters()} if cfg.ema_decay else {}
         return TrainingSession(self, sae, opt, st, tsf, ema, base_lr)
+
+    def _resume(self, sae: SAE, opt: torch.optim.Optimizer):
+        """The checkpoint's state, or None if some rank cannot read it back: then it is moved aside, since a
+        damaged file would fail the run on every retry, and the run starts from scratch (one warning line)."""
+        resumed, err = None, None
+        try:
+            resumed = load_checkpoint(self.out_dir, sae.arch, opt, self.device, self.fingerprint)
+        except UnreadableCheckpoint as unreadable:
+            err = unreadable
+        if self.mesh.all_true(err is None):  # a collective: past it, every rank has finished reading
+            return resumed
+        if self.mesh.leader:
+            moved = ", ".join(p.name for p in move_aside(self.out_dir))
+            why = (f"{err.path}: unreadable trainer checkpoint ({err.reason})" if err
+                   else "another rank's trainer checkpoint shard is unreadable")
+            print(f"warning: {why}; moved aside as {moved}; the run starts from scratch", file=sys.stderr)
+        self.mesh.barrier()
+        return None
 
     def run(self, max_steps: int | None = None,
             curve_metrics: Callable[[SAE, dict], dict[str, float]] | None = None,
@@ -271,6 +293,7 @@ class Trainer:
         sae, st, B = session.sae, session.state, cfg.batch_size
         total = cfg.steps()
         eval_x = self.source.eval_set()
+        refuse_nonfinite(eval_x, "the held-out eval set")
         eval_ids = self.source.eval_layer_ids()  # multi-layer SAEs: each vector's layer
         curve_x, curve_ids = curve_subset(eval_x, eval_ids, cfg.curve_eval_tokens)
         sample_at = set(curve_steps(total, B, cfg.curve_points_per_decade))
@@ -421,7 +444,7 @@ class TrainingSession:
 
     def step(self, batch: torch.Tensor) -> LossOutput | None:
         """One optimizer step on a raw global batch (this replica trains on its rows of it); None (and no
-        update) if the loss is not finite on some replica."""
+        update) if the loss is not finite on some replica; DataError if that is because the batch is."""
         tr, cfg, st, arch, mesh = self.trainer, self.trainer.cfg, self.state, self.sae.arch, self.trainer.mesh
         x, _ = normalize(batch[mesh.batch_rows(batch.shape[0])].to(tr.device, non_blocking=True),
                          tr.sae_cfg.normalization)
@@ -433,6 +456,9 @@ class TrainingSession:
         with tr._autocast():
             out = arch.loss(x, ctx)
         if not mesh.all_true(math.isfinite(float(out.loss.detach()))):
+            # nan or inf in a batch always makes the loss so; looked for only then, which costs nothing
+            # when training is healthy. The whole batch, so that every replica decides alike
+            refuse_nonfinite(batch, f"the training batch of step {st.step} (tokens {st.tokens})")
             return None
         self.opt.zero_grad(set_to_none=True)
         (out.loss * st.loss_scale if self.scaled else out.loss).backward()
@@ -476,6 +502,15 @@ class TrainingSession:
         self.opt.step()
         if self.constrain:
             _renormalize_rows(arch.W_dec)
+
+
+def refuse_nonfinite(x: torch.Tensor, what: str) -> None:
+    """DataError naming the first row of x [rows, d] holding nan or inf: bad input, which a rerun would meet
+    again, so never recorded as a diverged run."""
+    bad = ~torch.isfinite(x).all(dim=1)
+    if bool(bad.any()):
+        raise DataError(f"{what}: row {int(bad.nonzero()[0])} holds nan or inf; activations must be finite (from a "
+                        "model run in float16, which overflows: use data.model_dtype: float32)")
 
 
 def curve_subset(x: torch.Tensor, layer_ids: torch.Tensor | None,

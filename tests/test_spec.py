@@ -353,7 +353,7 @@ def test_dry_run_prints_runs_and_writes_nothing(tmp_path, capsys, monkeypatch):
     assert len(body) == 4
     assert [line.split()[0] for line in body] == [r.run_id for r in expected]
     for line, run in zip(body, expected):
-        assert line.split()[1] == run.arch and str(run.n_latents) in line.split() and line.endswith("pending")
+        assert line.split()[1] == run.arch and str(run.n_latents) in line.split() and line.endswith("pending: new grid point")
     assert total.startswith("4 runs (0 done), ")
     flops = sum(r.flops() for r in expected)
     assert f"{flops:.2e} FLOPs in all" in total

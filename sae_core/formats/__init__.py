@@ -35,7 +35,8 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> Path:
                else "no SAE here")
         raise DataError(f"{run_dir}: {why}; export needs {WEIGHTS_FILE} and {CONFIG_FILE}, which a run writes when "
                         "it ends ok")
+    sae = SAE.load(run_dir)  # its errors name the broken file, inside run_dir
     try:
-        return FORMATS[fmt].export(SAE.load(run_dir), Path(out), run_dir)
+        return FORMATS[fmt].export(sae, Path(out), run_dir)
     except DataError as err:
         raise DataError(f"{run_dir}: {err}") from None

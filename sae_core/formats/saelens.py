@@ -26,16 +26,14 @@ standardize with s folded into W_enc and W_dec, so its latents are the peer's ow
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from sae_core.errors import DataError
-from sae_core.evaluation.reconstruction import load_latent_stats
 from sae_core.io import save_safetensors_atomic, write_json_atomic
+from sae_core.sae import LATENT_STATS_FILE, RETRAIN, SAE, config_int, load_state, read_json, read_tensors
 
 CONFIG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 VERSION = "6.0.0"
@@ -46,6 +44,11 @@ _FROM_SAELENS = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu", "ga
 _TL_HOOKS = {"resid_pre": "blocks.{L}.hook_resid_pre", "resid_post": "blocks.{L}.hook_resid_post",
              "resid_post_ln": "blocks.{L}.hook_resid_post", "mlp_out": "blocks.{L}.hook_mlp_out"}
 _ELEMENTWISE = ("relu", "jumprelu", "batchtopk", "gated")
+# the tensors each SAELens architecture's reader uses
+_TENSORS = {"standard": ("W_enc", "W_dec", "b_dec", "b_enc"), "topk": ("W_enc", "W_dec", "b_dec", "b_enc"),
+            "jumprelu": ("W_enc", "W_dec", "b_dec", "b_enc", "threshold"),
+            "gated": ("W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag")}
+REEXPORT = "re-export the SAE (sae-scaling export, or SAELens's save_model)"
 
 
 def layer_norm_scale(normalization: str, d: int) -> float:
@@ -73,6 +76,14 @@ def _unit_decoder(arch: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     elif arch == "batchtopk":
         sd["threshold"] = sd["threshold"] * c  # one threshold becomes one per latent
     return sd
+
+
+def _sparsity(stats: Path) -> torch.Tensor | None:
+    """SAELens's log10 feature density, from the latent stats the trainer saved beside the weights (if any)."""
+    if not stats.is_file():
+        return None
+    freq = read_tensors(stats, RETRAIN, ("frequency",))["frequency"]
+    return freq.clamp_min(1e-10).log10()
 
 
 def matches(path: Path) -> bool:
@@ -115,34 +126,34 @@ def export(sae, out: Path, source: Path | None = None) -> Path:
     }
     if _TO_SAELENS[cfg.arch] == "topk":
         config.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
+    sparsity = _sparsity(source / LATENT_STATS_FILE) if source is not None else None  # read before writing
     save_safetensors_atomic({k: v.float() for k, v in tensors.items()}, out / WEIGHTS)
-    if source is not None and (source / "latent_stats.safetensors").is_file():  # log10 feature density
-        freq = load_latent_stats(source / "latent_stats.safetensors")["frequency"]
-        save_safetensors_atomic({"sparsity": freq.clamp_min(1e-10).log10()}, out / SPARSITY)
+    if sparsity is not None:
+        save_safetensors_atomic({"sparsity": sparsity}, out / SPARSITY)
     write_json_atomic(out / CONFIG, config)  # last: a folder with cfg.json is complete
     return out
 
 
-def _site(hook_name: str | None) -> tuple[str | None, list[int] | None]:
+def _site(hook_name) -> tuple[str | None, list[int] | None]:
     for site, pattern in _TL_HOOKS.items():
         prefix, suffix = pattern.split("{L}")
-        if hook_name and hook_name.startswith(prefix) and hook_name.endswith(suffix):
+        if isinstance(hook_name, str) and hook_name.startswith(prefix) and hook_name.endswith(suffix):
             layer = hook_name[len(prefix):len(hook_name) - len(suffix)]
             if layer.isdigit():
                 return site, [int(layer)]
     return None, None
 
 
-def load(path: Path):
-    from sae_core.sae import SAE
-
-    where = path / CONFIG
-    try:
-        cfg = json.loads(where.read_text())
-        w = {k: v.double() for k, v in load_file(path / WEIGHTS).items()}
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: unreadable SAELens folder ({err})") from None
+def _metadata(cfg: dict, where: Path) -> dict:
     meta = cfg.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: metadata: got {meta!r}; allowed: an object (model_name, hook_name, ...); "
+                        f"{REEXPORT}")
+    return meta
+
+
+def _check_readable(cfg: dict, meta: dict, where: Path) -> None:
+    """Refuse what this reader cannot map onto ours, every reason at once."""
     version = str(cfg.get("sae_lens_version") or meta.get("sae_lens_version") or "0")
     if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < 6:
         raise DataError(f"{where}: a SAELens config older than v6 (sae_lens_version {version!r}); load it with "
@@ -160,11 +171,29 @@ def load(path: Path):
         problems.append("rescale_acts_by_decoder_norm: true; readable: false")
     if problems:
         raise DataError(f"{where}: " + "; ".join(problems))
-    d, ours = cfg["d_in"], _FROM_SAELENS[arch]
+
+
+def _our_normalization(cfg: dict) -> str | None:
+    """The normalisation of an SAE exported from here (its cfg.json keeps our config); None for a peer's."""
+    ours = cfg.get("sae_scaling")
+    sae = ours.get("sae") if isinstance(ours, dict) else None
+    return sae.get("normalization") if isinstance(sae, dict) else None
+
+
+def load(path: Path):
+    where = path / CONFIG
+    cfg = read_json(where, REEXPORT)
+    meta = _metadata(cfg, where)
+    _check_readable(cfg, meta, where)
+    arch, norm = cfg["architecture"], cfg.get("normalize_activations", "none")
+    ours = _FROM_SAELENS[arch]
+    d, n = config_int(cfg, "d_in", where, REEXPORT), config_int(cfg, "d_sae", where, REEXPORT)
+    topk = {"k": config_int(cfg, "k", where, REEXPORT)} if ours == "topk" else {}
+    w = {k: v.double() for k, v in read_tensors(path / WEIGHTS, REEXPORT, _TENSORS[arch]).items()}
     normalization = "standardize" if norm == "layer_norm" else "none"
-    exported = ((cfg.get("sae_scaling") or {}).get("sae") or {}).get("normalization") in ("unit_norm", "standardize")
+    exported = _our_normalization(cfg) in ("unit_norm", "standardize")
     if exported and norm == "layer_norm":  # one of ours: back in its own normalisation
-        normalization = cfg["sae_scaling"]["sae"]["normalization"]
+        normalization = _our_normalization(cfg)
     s = layer_norm_scale(normalization, d)
     W = w["W_enc"]  # [d_in, d_sae]
     if not cfg.get("apply_b_dec_to_input", True):  # W^T x + b = W^T (x - b_dec) + (b + W^T b_dec)
@@ -179,12 +208,10 @@ def load(path: Path):
                                                      if k in w})
     else:  # a peer's SAE keeps its latents: the factor s goes into the weights
         state.update(W_enc=W.T / s, W_dec=w["W_dec"] * s)
-    sae_cfg = {"arch": ours, "d_in": d, "n_latents": cfg["d_sae"], "normalization": normalization,
-               **({"k": cfg["k"]} if ours == "topk" else {})}
     site, layers = _site(meta.get("hook_name"))
-    sae = SAE(sae_cfg, init_seed=None, meta={
+    sae = SAE({"arch": ours, "d_in": d, "n_latents": n, "normalization": normalization, **topk}, init_seed=None, meta={
         "hook": {"model": meta.get("model_name"), "site": site, "layers": layers,
                  "context_length": meta.get("context_size")} if site else None,
         "imported_from": {"format": "saelens", "path": str(path), "hook_name": meta.get("hook_name")}})
-    sae.arch.load_state_dict({k: v.float() for k, v in state.items()})
+    load_state(sae, {k: v.float() for k, v in state.items()}, path / WEIGHTS, REEXPORT)
     return sae

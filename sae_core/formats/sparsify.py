@@ -11,16 +11,16 @@ and skip connections are refused.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from sae_core.errors import DataError
 from sae_core.io import save_safetensors_atomic, write_json_atomic
+from sae_core.sae import SAE, config_int, load_state, read_json, read_tensors
 
 CONFIG, WEIGHTS = "cfg.json", "sae.safetensors"
+REEXPORT = "re-export the SAE (sae-scaling export, or sparsify's save_to_disk)"
 
 
 def matches(path: Path) -> bool:
@@ -52,14 +52,9 @@ def export(sae, out: Path, source: Path | None = None) -> Path:
 
 
 def load(path: Path):
-    from sae_core.sae import SAE
-
     where = path / CONFIG
-    try:
-        cfg = json.loads(where.read_text())
-        w = load_file(path / WEIGHTS)
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: unreadable sparsify folder ({err})") from None
+    cfg = read_json(where, REEXPORT)
+    w = read_tensors(path / WEIGHTS, REEXPORT, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"))
     problems = [f"{key}: {cfg.get(key)!r}; readable: {want!r}" for key, want in
                 (("activation", "topk"), ("transcode", False), ("skip_connection", False))
                 if cfg.get(key, want) != want]
@@ -67,11 +62,15 @@ def load(path: Path):
         problems.append("a W_skip tensor (skip connection); readable: none")
     if problems:
         raise DataError(f"{where}: " + "; ".join(problems))
+    k = config_int(cfg, "k", where, REEXPORT)
+    if w["encoder.weight"].dim() != 2:
+        raise DataError(f"{path / WEIGHTS}: encoder.weight has shape {tuple(w['encoder.weight'].shape)}; allowed: "
+                        f"[num_latents, d_in]; {REEXPORT}")
     n, d = w["encoder.weight"].shape
-    multi = bool(cfg.get("multi_topk")) and 4 * cfg["k"] <= n
-    sae = SAE({"arch": "multi_topk" if multi else "topk", "d_in": d, "n_latents": n, "k": cfg["k"],
+    multi = bool(cfg.get("multi_topk")) and 4 * k <= n
+    sae = SAE({"arch": "multi_topk" if multi else "topk", "d_in": d, "n_latents": n, "k": k,
                "normalization": "none"}, init_seed=None,
               meta={"imported_from": {"format": "sparsify", "path": str(path)}})
-    sae.arch.load_state_dict({"b_pre": w["b_dec"], "W_enc": w["encoder.weight"], "b_enc": w["encoder.bias"],
-                              "W_dec": w["W_dec"]})
+    load_state(sae, {"b_pre": w["b_dec"], "W_enc": w["encoder.weight"], "b_enc": w["encoder.bias"],
+                     "W_dec": w["W_dec"]}, path / WEIGHTS, REEXPORT)
     return sae.float()

@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 hf_logging.disable_progress_bar()  # a progress bar per model load would bury the sweep's own progress line
 
 from sae_core.errors import DataError
+from sae_core.fingerprint import folder_fingerprint
 
 EMBEDDED_MODEL = "embedded"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +49,13 @@ def resolve_model_path(name: str) -> str:
                             "`save_pretrained` writes (config.json, weights, tokenizer files)")
         return str(path)
     return name  # a hub id
+
+
+def local_model_fingerprint(name: str) -> str | None:
+    """The content of the model's folder (a local folder, or the embedded model's), by sae_core.fingerprint;
+    None for a hub id: what the hub serves under it is not on disk to look at."""
+    path = Path(resolve_model_path(name))
+    return folder_fingerprint(path) if path.is_dir() else None
 
 
 def _from_pretrained(loader, path: str, **kw):

@@ -20,6 +20,7 @@ _ALLOWED_DTYPES = "float16, bfloat16, float32, float64"
 _ALLOWED_PARQUET = "one column of equal-length lists of floats, or float columns (one per dimension)"
 _SAFETENSORS_DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "F64": np.float64}
 _SPLIT_SEED = 0x5AE5  # independent of the training seed, so changing it never moves rows between train and eval
+SCAN_CHUNK_BYTES = 64 << 20  # read per step of the finiteness scan: memory stays bounded whatever the file size
 
 
 @dataclass
@@ -35,6 +36,27 @@ class _Shard:
             return block.view(torch.int16).view(torch.bfloat16).float()
         return block.float()
 
+    def check_finite(self, chunk_bytes: int = SCAN_CHUNK_BYTES) -> None:
+        """DataError naming the first row holding nan or inf, read chunk_bytes at a time."""
+        step = max(1, chunk_bytes // (self.data.shape[1] * self.data.itemsize))
+        for lo in range(0, len(self.data), step):
+            bad = _nonfinite(self.data[lo:lo + step], self.bf16)
+            if bad.any():
+                i, j = (int(v) for v in np.argwhere(bad)[0])
+                value = float(self.take(np.array([lo + i]))[0, j])
+                raise DataError(f"{self.path}: row {lo + i} (column {j}) holds {value}; activations must be "
+                                "finite: fix or drop the rows holding nan or inf (a float16 overflow while "
+                                "extracting them is the usual cause: extract in float32)")
+
+
+def _nonfinite(block: np.ndarray, bf16: bool) -> np.ndarray:
+    """Where block holds nan or inf. Half precision is tested on its exponent bits (all ones): numpy has no
+    bfloat16, and its float16 isfinite is about twice as slow as the bit test."""
+    if block.itemsize == 2:
+        exponent = np.uint16(0x7F80 if bf16 else 0x7C00)
+        return (block.view(np.uint16) & exponent) == exponent
+    return ~np.isfinite(block)
+
 
 def _check_shape(path: str, shape: tuple, what: str = "array") -> None:
     if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
@@ -43,18 +65,21 @@ def _check_shape(path: str, shape: tuple, what: str = "array") -> None:
 
 
 def _open_npy(path: str) -> _Shard:
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty file (0 bytes); expected a .npy array [rows, d_in] ({_ALLOWED_DTYPES})")
     try:
         data = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path}: not a readable .npy file ({e})") from None
+    except Exception as e:  # np.load fails in many ways on a damaged file (EOFError, ValueError, pickle errors)
+        raise DataError(f"{path}: not a readable .npy file ({type(e).__name__}: {e}); expected a .npy array "
+                        f"[rows, d_in] ({_ALLOWED_DTYPES})") from None
     _check_shape(path, data.shape)
     if data.dtype.kind != "f" or data.dtype.itemsize > 8:
         raise DataError(f"{path}: dtype {data.dtype} is not supported; allowed: {_ALLOWED_DTYPES}")
     return _Shard(path, data)
 
 
-def _open_safetensors(path: str) -> _Shard:
-    size = os.path.getsize(path)
+def _safetensors_header(path: str, size: int) -> tuple[int, dict]:
+    """The header's length and its tensor entries (name -> dtype, shape, data_offsets)."""
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         try:
@@ -62,8 +87,16 @@ def _open_safetensors(path: str) -> _Shard:
                 raise ValueError("header length exceeds the file size")
             header = json.loads(f.read(header_len))
             tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-        except (ValueError, AttributeError) as e:
+            if not all(isinstance(v, dict) for v in tensors.values()):
+                raise ValueError("a tensor entry is not an object")
+        except (ValueError, AttributeError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise DataError(f"{path}: not a valid .safetensors file ({e})") from None
+    return header_len, tensors
+
+
+def _open_safetensors(path: str) -> _Shard:
+    size = os.path.getsize(path)
+    header_len, tensors = _safetensors_header(path, size)
     name = next(iter(tensors)) if len(tensors) == 1 else "activations"
     if name not in tensors:
         raise DataError(f"{path}: holds {len(tensors)} tensors ({', '.join(sorted(tensors))}); expected exactly "
@@ -164,9 +197,9 @@ class FileSource(ActivationSource):
                   "an integer >= 1 or None", shuffle_buffer)
         self.seed, self.shuffle_buffer = int(seed), shuffle_buffer
         self._shards = [_open(path) for path in expand_paths(paths)]
-        eval_shards = [_open(path) for path in expand_paths(eval_paths)] if eval_paths is not None else []
+        self._eval_shards = [_open(path) for path in expand_paths(eval_paths)] if eval_paths is not None else []
         first = self._shards[0]
-        for shard in self._shards[1:] + eval_shards:
+        for shard in self._shards[1:] + self._eval_shards:
             if shard.data.shape[1] != first.data.shape[1]:
                 raise DataError(f"{shard.path}: d_in {shard.data.shape[1]} differs from d_in "
                                 f"{first.data.shape[1]} of {first.path}; all files must have the same d_in")
@@ -174,8 +207,8 @@ class FileSource(ActivationSource):
         self._starts = np.cumsum([0] + [len(shard.data) for shard in self._shards])
         self.n_rows = int(self._starts[-1])
         self._eval: torch.Tensor | None = None
-        if eval_shards:
-            self._eval = torch.cat([s.take(np.arange(len(s.data))) for s in eval_shards])
+        if self._eval_shards:
+            self._eval = torch.cat([s.take(np.arange(len(s.data))) for s in self._eval_shards])
             self._eval_rows = np.empty(0, np.int64)
         else:
             if self.n_rows < n_eval + 1:
@@ -186,6 +219,17 @@ class FileSource(ActivationSource):
         self._train_rows = np.delete(np.arange(self.n_rows), self._eval_rows)
         self.n_train = len(self._train_rows)
         self._stream = EpochStream(self.n_train, self._epoch_order)
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(s.data.nbytes for s in self._shards + self._eval_shards)
+
+    def check_finite(self, chunk_bytes: int = SCAN_CHUNK_BYTES) -> None:
+        """Refuse nan or inf anywhere in the files, naming the file and the first row holding one: met in
+        training, it would read as a diverged run or a nan metric, far from its cause. Reads every file
+        once, chunk_bytes at a time."""
+        for shard in self._shards + self._eval_shards:
+            shard.check_finite(chunk_bytes)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """The training rows in epoch `epoch`'s order. With a shuffle_buffer W: blocks of W/8 contiguous rows

@@ -13,17 +13,17 @@ and `config` to dataset only.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from sae_core.errors import DataError, validate
+from sae_core import fingerprint
 from sae_core.text.embedded import embedded_corpus_key, embedded_documents
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -56,31 +56,29 @@ class TextSpec(BaseModel):
     def source(self) -> str:
         return next(k for k in _SOURCES if getattr(self, k))
 
+    def local_fingerprint(self) -> str | None:
+        """The content of the local files this text reads (sae_core.fingerprint: matched files in order, a
+        local dataset file or folder); None for the embedded corpus and a hub dataset."""
+        if self.files:
+            return fingerprint.paths_fingerprint(expand_files(self.files))
+        if self.dataset and Path(self.dataset).expanduser().exists():
+            return fingerprint.local_fingerprint(Path(self.dataset).expanduser())
+        return None
+
     def key(self) -> str:
         """A stable string naming the data, for cache keys: the fields plus a fingerprint of what is on disk
-        (the matched files' paths, sizes and mtimes; the embedded corpus's own key). A hub dataset is named by
-        its fields alone."""
+        (the local files' content, see local_fingerprint; the embedded corpus's own key). A hub dataset is
+        named by its fields alone."""
         fields = self.model_dump(mode="json")
-        if self.files:
-            fields["fingerprint"] = _fingerprint(expand_files(self.files))
-        elif self.embedded:
+        if self.embedded:
             fields["fingerprint"] = embedded_corpus_key()
-        elif Path(self.dataset).expanduser().exists():
-            fields["fingerprint"] = _fingerprint(_local_files(Path(self.dataset).expanduser()))
+        elif (local := self.local_fingerprint()) is not None:
+            fields["fingerprint"] = local
         return json.dumps(fields, sort_keys=True)
 
 
 def parse_text_spec(data: dict | TextSpec, source: str = "config", prefix: str = "data.text") -> TextSpec:
     return validate(TextSpec, data, source, prefix)
-
-
-def _fingerprint(paths: Iterable[str | Path]) -> str:
-    stats = [(os.path.abspath(p), s.st_size, s.st_mtime_ns) for p in paths for s in [os.stat(p)]]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
-
-
-def _local_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
 
 
 def expand_files(patterns: str | list[str]) -> list[str]:
