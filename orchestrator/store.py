@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -63,8 +64,14 @@ class BrokenFile(DataError):
 
     def __init__(self, path: Path, reason: str):
         self.path, self.reason = path, reason
-        super().__init__(f"{path}: unreadable ({reason}); run the sweep again (`sae-scaling run SWEEP.yaml`) to "
-                         f"set it aside and train run {path.stem} anew, or delete it")
+        super().__init__(f"{path}: unreadable ({reason}); if run {path.stem} is in the sweep, `sae-scaling run "
+                         "SWEEP.yaml` sets the file aside and trains the run anew; else delete the file")
+
+
+def _first_line(err: Exception) -> str:
+    """An error's gist: its first line, without pyarrow's repetition of the path the message already names."""
+    text = re.sub(r"^Could not open Parquet input source '[^']*': ", "", str(err).strip())
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def read_parquet(path: Path) -> pa.Table:
@@ -73,8 +80,7 @@ def read_parquet(path: Path) -> pa.Table:
     except PermissionError:
         raise
     except (pa.ArrowException, OSError, ValueError) as err:
-        raise BrokenFile(path, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) \
-            from None
+        raise BrokenFile(path, _first_line(err)) from None
 
 
 def _read_row(path: Path) -> dict:
@@ -101,7 +107,7 @@ def _weights_problem(path: Path) -> str | None:
     except PermissionError:
         raise
     except Exception as err:  # SafetensorError has no stable base class to catch
-        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return _first_line(err)
     return None
 
 
