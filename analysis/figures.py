@@ -43,7 +43,7 @@ from analysis.frontier import lower_envelope  # noqa: E402
 from analysis.fits import Fit, loc_frontier  # noqa: E402
 from analysis.results import load_curves, load_layers, load_recovery, load_runs  # noqa: E402
 from analysis.selection import (SPARSITY_KEYS, best_lr, families, group_label, numeric, plain_value,  # noqa: E402
-                                series, sparsity_key, varying_sites, width_families)
+                                series, sparsity_key, varying_sites, width_ladders)
 from analysis.sweep_fits import (CURVE_START, TITLES, find_fit, fit_runs, sweep_fits,  # noqa: E402
                                  with_convergence)
 from sae_core.errors import DataError  # noqa: E402
@@ -51,7 +51,7 @@ from sae_core.io import write_atomic  # noqa: E402
 
 __all__ = ["SkipFigure", "STYLE", "ARCH_COLORS", "FIGURES", "render_all", "fig_loc", "fig_lofn", "fig_frontier",
            "fig_nmse_vs_n", "fig_lr", "fig_downstream", "fig_dead", "fig_recovery", "fig_curves", "fig_layers",
-           "fig_family"]
+           "fig_width_ladder"]
 
 
 class SkipFigure(Exception):
@@ -883,18 +883,18 @@ def fig_layers(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure:
 # ---------------------------------------------------------------- 11. SAE families
 
 @_figure
-def fig_family(sweep_dir: str | Path, runs: pd.DataFrame) -> Figure:
-    """Leask et al. Fig. 7: for each family (analysis.selection.width_families: SAEs of the same arch,
+def fig_width_ladder(sweep_dir: str | Path, runs: pd.DataFrame) -> Figure:
+    """Leask et al. Fig. 7: for each width ladder (analysis.selection.width_ladders: SAEs of the same arch,
     sparsity, layer and seed, each at its best lr, differing in width) and each pair of consecutive widths,
     the histogram over the larger SAE's latents of their max decoder cosine to the smaller SAE's latents;
     latents left of the 0.7 line are novel. No activations needed: the decoders come from
     results/<sweep>/saes/<run_id>."""
     import torch
 
-    from sae_core.evaluation.family import decoder_max_cosine
+    from sae_core.evaluation.width_ladder import decoder_max_cosine
     from sae_core.sae import SAE
 
-    families = width_families(runs) if runs is not None and not runs.empty else []
+    families = width_ladders(runs) if runs is not None and not runs.empty else []
     if not families:
         raise SkipFigure("no two ok SAEs differ only in n_latents (same architecture, sparsity, layer and seed)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -905,7 +905,7 @@ def fig_family(sweep_dir: str | Path, runs: pd.DataFrame) -> Figure:
         for _, run in rows.iterrows():
             try:
                 sae = SAE.load(saes_dir / str(run["run_id"]), device=device)
-                decs.append((int(run["n_latents"]), sae.arch.W_dec.detach()))
+                decs.append((int(run["n_latents"]), sae.net.W_dec.detach()))
             except DataError:
                 missing += 1
         pairs = []
@@ -960,7 +960,7 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "recovery": fig_recovery,
     "curves": fig_curves,
     "layers": fig_layers,
-    "family": fig_family,
+    "width_ladder": fig_width_ladder,
 }
 
 

@@ -167,10 +167,10 @@ def group_label(group: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in group.items() if v is not None)
 
 
-def width_families(runs: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
-    """SAE families in the sense of Leask et al. 2025: SAEs that differ only in width. Usable runs, each cell at
-    its best lr; then one family per (everything but the width) and seed, with one run per width, widest
-    last. Only families of at least 2 widths."""
+def width_ladders(runs: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
+    """Width ladders, the "SAE families" of Leask et al. 2025: SAEs that differ only in width. Usable runs, each
+    cell at its best lr; then one ladder per (everything but the width) and seed, with one run per width,
+    widest last. Only ladders of at least 2 widths."""
     d, _ = usable(runs)
     d, _ = best_lr(d)
     keys = [k for k in cell_keys(d) if k != "n_latents"] + (["seed"] if "seed" in d else [])

@@ -42,7 +42,7 @@ def main() -> None:
             r = Trainer(cfg, {"train_tokens": args.tokens, "batch_size": 1024, "lr": 2e-3,
                               "dead_window_tokens": args.tokens // 10}, src).run()
             rows.append({"arch": arch, key: v, "param": f"{key}={v}", "l0": r.metrics["l0"], "nmse": r.metrics["nmse"],
-                         "dead": r.metrics["dead_frac"], "mmcs": mmcs(r.sae.arch.W_dec, src.features), "status": r.status})
+                         "dead": r.metrics["dead_frac"], "mmcs": mmcs(r.sae.net.W_dec, src.features), "status": r.status})
             print(f"  {arch:>10} {key}={v:<6} l0 {r.metrics['l0']:7.2f} nmse {r.metrics['nmse']:.4f}", flush=True)
     topk = [r for r in rows if r["arch"] == "topk"]
     tl0, tnmse = np.array([r["l0"] for r in topk]), np.array([r["nmse"] for r in topk])

@@ -38,15 +38,15 @@ def _trained_like(arch: str, normalization: str):
                                                "context_length": 64}})
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for p in sae.arch.parameters():
+        for p in sae.net.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-        sae.arch.W_dec.div_(sae.arch.W_dec.norm(dim=1, keepdim=True))
+        sae.net.W_dec.div_(sae.net.W_dec.norm(dim=1, keepdim=True))
         if arch in ("relu", "jumprelu", "batchtopk", "gated"):
-            sae.arch.W_dec.mul_(0.5 + torch.rand(N, 1, generator=g))
+            sae.net.W_dec.mul_(0.5 + torch.rand(N, 1, generator=g))
         if arch == "jumprelu":
-            sae.arch.threshold.copy_(0.02 + 0.02 * torch.rand(N, generator=g))
+            sae.net.threshold.copy_(0.02 + 0.02 * torch.rand(N, generator=g))
         if arch == "batchtopk":
-            sae.arch.threshold.fill_(0.03)
+            sae.net.threshold.fill_(0.03)
     return sae
 
 
@@ -81,7 +81,7 @@ def ours_to_peer(fmt: str, arch: str, normalization: str, tmp: Path, x) -> dict:
     folder = export(run / "run", fmt, run / "out")
     with torch.no_grad():
         z_peer, recon_peer = _peer_dense(fmt, _load_peer(fmt, folder), x)
-        units = sae.arch.W_dec.norm(dim=1)
+        units = sae.net.W_dec.norm(dim=1)
         if fmt == "saelens":
             units = units / layer_norm_scale(normalization, D)
         z_ours, recon_ours = sae.encode(x) * units, sae.reconstruct(x)

@@ -201,7 +201,7 @@ def selection_overlap(sae, x, k: int) -> dict:
     import torch
     from sae_core.kernels import EXACT, Selection, topk_encode
 
-    arch = sae.arch
+    arch = sae.net
     xc = sae.normalize(x)[0] - arch.b_pre
     chosen, seconds = {}, {}
     for name, selection in (("exact", EXACT), ("bf16", Selection(torch.bfloat16, 2.0))):

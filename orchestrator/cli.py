@@ -79,7 +79,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from orchestrator.imported import import_saes
+    from orchestrator.import_saes import import_saes
 
     import_saes(args.sweep, args.folders, args.results)
     return 0

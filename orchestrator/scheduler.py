@@ -1,5 +1,5 @@
 """Running a sweep: validate, plan, build the activation cache once, then train the packs as Ray tasks
-(or, for runs trained by several processes, one group per run: orchestrator/group.py).
+(or, for runs trained by several processes, one group per run: orchestrator/multiprocess_run.py).
 
 One plain Ray task per pack (not Tune: ~0.1 s per task against ~2.5 s per trial here, and the results
 are ours to lay out), `max_retries` = the spec's retries so a dead worker or node re-runs the pack from its
@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from orchestrator.group import process_options, train_group
+from orchestrator.multiprocess_run import process_options, train_group
 from orchestrator.plan import RunPlan, pack_runs, pending_reason, plan_runs
 from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.status import last_line, summary
 from orchestrator.store import DONE, ResultsStore
 from orchestrator.worker import now_utc, run_row, train_pack
-from sae_core.data import ActivationData
+from sae_core.activation_data import ActivationData
 from sae_core.errors import ConfigError, DataError, SAEScalingError
 from sae_core.evaluation.downstream import null_downstream
 from sae_core.text import cache_root as default_cache_root
@@ -256,7 +256,7 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
     threads = max(1, int(sweep.spec.resources.cpus))
     shards, replicas = sweep.spec.resources.layout
     root, cache = str(store.dir.parent), str(default_cache_root())
-    if shards * replicas > 1:  # each run is a group of processes: no packs (orchestrator/group.py)
+    if shards * replicas > 1:  # each run is a group of processes: no packs (orchestrator/multiprocess_run.py)
         packs = [[run] for run in todo]
         group = ray.remote(train_group).options(num_cpus=0, max_retries=sweep.spec.retries)
 

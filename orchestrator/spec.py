@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sae_core.architectures import architecture_names
 from sae_core.architectures.base import registry
 from sae_core.config import TrainConfig
-from sae_core.data import SYNTHETIC_KEYS, DataConfig, HookConfig
+from sae_core.activation_data import SYNTHETIC_KEYS, DataConfig, HookConfig
 from sae_core.errors import ConfigError, DataError, format_error_entry, merge_union_errors
 from sae_core.evaluation.run import EvalConfig
 from sae_core.sources.files import expand_paths

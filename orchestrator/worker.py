@@ -6,7 +6,7 @@ A retried pack starts again from the top: finished runs are skipped (their rows 
 resume from their checkpoints, and a run another process holds the lock of is left to that process.
 
 A run trained by several processes (resources.shards / replicas) is not packed: `train_rank` is one process
-of its group (orchestrator/group.py starts them); rank 0 reports progress and writes the run's results.
+of its group (orchestrator/multiprocess_run.py starts them); rank 0 reports progress and writes the run's results.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from orchestrator.plan import RunPlan, data_identity
 from orchestrator.spec import SweepSpec, parse_spec
 from orchestrator.store import ResultsStore
-from sae_core.data import ActivationData
+from sae_core.activation_data import ActivationData
 from sae_core.errors import SAEScalingError
 from sae_core.evaluation.run import RunEvaluation, evaluate_run
 from sae_core.evaluation.downstream import null_downstream

@@ -197,7 +197,7 @@ def consolidate(out_dir: Path, device: str | torch.device = "cpu"):
     manifest, tensors = _read(out_dir, 0, math.inf, device, keys={"model"})  # every shard's rows
     try:
         sae = SAE(manifest["sae"], init_seed=None)
-        sae.arch.load_state_dict({k[6:]: v for k, v in tensors.items()})
+        sae.net.load_state_dict({k[6:]: v for k, v in tensors.items()})
     except (KeyError, RuntimeError) as err:
         raise UnreadableCheckpoint(out_dir, err) from None
     return sae.to(device)

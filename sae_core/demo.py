@@ -26,7 +26,7 @@ def run_demo(d_in: int = 128, n_features: int = 1024, active: float = 8.0, noise
     echo(f"{'tokens':>12} {'nmse':>8} {'l0':>6} {'dead':>6} {'mmcs':>6}")
 
     def recovery(sae, row):
-        score = mmcs(sae.arch.W_dec, source.features)
+        score = mmcs(sae.net.W_dec, source.features)
         echo(f"{row['tokens']:>12,} {row['nmse']:>8.4f} {row['l0']:>6.2f} {row['dead_frac']:>6.3f} {score:>6.3f}")
         return {"mmcs": score}
 

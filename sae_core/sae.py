@@ -37,10 +37,10 @@ class SAE(nn.Module):
         (they are about to be loaded). mesh: the latent shard this process holds, in sharded training."""
         super().__init__()
         self.cfg = parse_sae_config(cfg)
-        self.arch: Architecture = build_architecture(self.cfg, mesh)
+        self.net: Architecture = build_architecture(self.cfg, mesh)
         self.meta = dict(meta or {})
         if init_seed is not None:
-            self.arch.reset_parameters(True, init_seed)
+            self.net.reset_parameters(True, init_seed)
 
     # --- inference -------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenStats | None]:
@@ -48,15 +48,15 @@ class SAE(nn.Module):
 
     def encode_code(self, x: torch.Tensor) -> tuple[Code, TokenStats | None]:
         """The architecture's own code (sparse for the TopK family) and the per-token stats of x."""
-        xn, stats = self.normalize(x.to(self.arch.W_dec.dtype))
-        return self.arch.encode(xn), stats
+        xn, stats = self.normalize(x.to(self.net.W_dec.dtype))
+        return self.net.encode(xn), stats
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.arch.dense_latents(self.encode_code(x)[0])
+        return self.net.dense_latents(self.encode_code(x)[0])
 
     def decode(self, z: Code, stats: TokenStats | None = None) -> torch.Tensor:
         """Reconstruction from latents; pass the stats from `encode_code` to map back to the original space."""
-        return denormalize(self.arch.decode(z), stats)
+        return denormalize(self.net.decode(z), stats)
 
     def encode_with(self, x: torch.Tensor, *, k: int | None = None,
                     threshold: float | None = None) -> tuple[Code, TokenStats | None]:
@@ -64,8 +64,8 @@ class SAE(nn.Module):
         family's pre-activations, whatever it was trained with. Exactly one of k, threshold."""
         if (k is None) == (threshold is None):
             raise ValueError("give exactly one of k, threshold")
-        xn, stats = self.normalize(x.to(self.arch.W_dec.dtype))
-        h = self.arch.preactivation(xn)
+        xn, stats = self.normalize(x.to(self.net.W_dec.dtype))
+        h = self.net.preactivation(xn)
         if k is not None:
             vals, idx = h.topk(k, dim=-1)
             return SparseCode(idx, vals.relu()), stats
@@ -81,7 +81,7 @@ class SAE(nn.Module):
     # --- storage ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        save_safetensors_atomic(self.arch.state_dict(), path / WEIGHTS_FILE)
+        save_safetensors_atomic(self.net.state_dict(), path / WEIGHTS_FILE)
         write_json_atomic(path / CONFIG_FILE, {"sae": self.cfg.model_dump(), **self.meta})
 
     @classmethod
@@ -141,7 +141,7 @@ def read_tensors(path: Path, fix: str, required: Iterable[str] = (),
 def load_state(sae: SAE, state: dict[str, torch.Tensor], path: Path, fix: str) -> None:
     """The weights into the SAE its config describes; a mismatch names the file it came from."""
     try:
-        sae.arch.load_state_dict(state)
+        sae.net.load_state_dict(state)
     except RuntimeError as err:  # missing, unexpected or misshapen tensors
         raise DataError(f"{path}: its tensors do not fit the SAE its config describes ({' '.join(str(err).split())})"
                         f"; {fix}") from None

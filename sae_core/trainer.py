@@ -146,13 +146,13 @@ class Trainer:
         raw = self.source.sample(cfg.init_samples)
         refuse_nonfinite(raw, f"the init sample (the first {cfg.init_samples} training vectors)")
         sample, _ = normalize(raw.to(torch.float64), self.sae_cfg.normalization)
-        sae.arch.reset_parameters(cfg.tied_init, cfg.seed)
+        sae.net.reset_parameters(cfg.tied_init, cfg.seed)
         with torch.no_grad():
             if cfg.b_pre_init == "geometric_median":
-                sae.arch.b_pre.copy_(geometric_median(sample))
+                sae.net.b_pre.copy_(geometric_median(sample))
             elif cfg.b_pre_init == "mean":
-                sae.arch.b_pre.copy_(sample.mean(dim=0))
-            self._scale_encoder(sae, sample[:FIT_SAMPLES].to(sae.arch.W_dec.dtype))
+                sae.net.b_pre.copy_(sample.mean(dim=0))
+            self._scale_encoder(sae, sample[:FIT_SAMPLES].to(sae.net.W_dec.dtype))
         variance = float((sample - sample.mean(dim=0)).pow(2).sum(dim=1).mean())
         return 1.0 / variance if variance > 0 else 1.0, input_rms(sample, self.sae_cfg.normalization)
 
@@ -162,7 +162,7 @@ class Trainer:
         are 0) make the reconstruction's offset from b_pre scale with W_enc, so the least-squares factor
         s = <x - b_pre, r> / ||r||^2, r = x_hat - b_pre, is exact for them; others keep it only if it helps.
         bench/peers.py shows the effect on nmse at equal vectors."""
-        arch, scale = sae.arch, self.cfg.init_encoder_scale
+        arch, scale = sae.net, self.cfg.init_encoder_scale
         if scale == "fit":
             target = x - arch.b_pre
 
@@ -181,7 +181,7 @@ class Trainer:
 
     def _optimizer(self, sae: SAE, lr: float) -> torch.optim.Optimizer:
         cfg = self.cfg
-        return Adam(sae.arch.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        return Adam(sae.net.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
 
     def _autocast(self):
         if self.cfg.autocast == "none":
@@ -195,13 +195,13 @@ class Trainer:
         """Copy the bias-corrected EMA weights (Kingma and Ba's correction, as in Gao et al. 2024, §A.5) into
         the SAE."""
         correction = 1.0 - self.cfg.ema_decay ** max(step, 1)
-        for k, p in sae.arch.named_parameters():
+        for k, p in sae.net.named_parameters():
             p.copy_(ema[k] / correction)
 
     @contextlib.contextmanager
     def _ema_weights(self, sae: SAE, ema: dict[str, torch.Tensor], step: int):
         """Temporarily load the bias-corrected EMA weights."""
-        params = dict(sae.arch.named_parameters())
+        params = dict(sae.net.named_parameters())
         saved = {k: p.detach().clone() for k, p in params.items()}
         self._load_ema(sae, ema, step)
         try:
@@ -244,8 +244,8 @@ class Trainer:
             mse_scale, rms = self._init_from_data(sae)
             st = TrainerState(mse_scale=mse_scale, input_rms=rms, fingerprint=self.fingerprint,
                               loss_scale=INITIAL_SCALE if cfg.autocast == "fp16" else 1.0)
-            tsf = torch.zeros(sae.arch.n_local, dtype=torch.int64, device=device)
-            ema = {k: torch.zeros_like(p) for k, p in sae.arch.named_parameters()} if cfg.ema_decay else {}
+            tsf = torch.zeros(sae.net.n_local, dtype=torch.int64, device=device)
+            ema = {k: torch.zeros_like(p) for k, p in sae.net.named_parameters()} if cfg.ema_decay else {}
         return TrainingSession(self, sae, opt, st, tsf, ema, base_lr)
 
     def _resume(self, sae: SAE, opt: torch.optim.Optimizer):
@@ -253,7 +253,7 @@ class Trainer:
         damaged file would fail the run on every retry, and the run starts from scratch (one warning line)."""
         resumed, err = None, None
         try:
-            resumed = load_checkpoint(self.out_dir, sae.arch, opt, self.device, self.fingerprint)
+            resumed = load_checkpoint(self.out_dir, sae.net, opt, self.device, self.fingerprint)
         except UnreadableCheckpoint as unreadable:
             err = unreadable
         if self.mesh.all_true(err is None):  # a collective: past it, every rank has finished reading
@@ -354,12 +354,12 @@ class Trainer:
         mesh = self.mesh
         if mesh.shards == 1:
             return sae if mesh.leader else None
-        latent = set(sae.arch.latent_parameters())
-        state = {k: mesh.gather_to_leader(v) if k in latent else v for k, v in sae.arch.state_dict().items()}
+        latent = set(sae.net.latent_parameters())
+        state = {k: mesh.gather_to_leader(v) if k in latent else v for k, v in sae.net.state_dict().items()}
         if not mesh.leader:
             return None
         whole = SAE(self.sae_cfg, init_seed=None).to(self.device)
-        whole.arch.load_state_dict(state)
+        whole.net.load_state_dict(state)
         return whole
 
 
@@ -379,14 +379,14 @@ class TrainingSession:
     def __post_init__(self):
         cfg = self.trainer.cfg
         self.scaled = cfg.autocast == "fp16"
-        self.constrain = cfg.decoder_unit_norm and self.sae.arch.constrain_decoder
+        self.constrain = cfg.decoder_unit_norm and self.sae.net.constrain_decoder
 
     @torch.no_grad()
     def resample_dead(self, x: torch.Tensor) -> int:
         """Bricken et al. (2023): each dead latent gets the direction of an input drawn with probability
         proportional to its squared reconstruction loss; its encoder row the same direction at 0.2 x the
         mean alive encoder norm; its Adam moments are zeroed and its dead counter restarts. x is normalised."""
-        arch, cfg = self.sae.arch, self.trainer.cfg
+        arch, cfg = self.sae.net, self.trainer.cfg
         dead = self.dead_mask().nonzero().squeeze(1)
         if not dead.numel():
             return 0
@@ -419,7 +419,7 @@ class TrainingSession:
     @torch.no_grad()
     def finalize(self) -> bool:
         """Architecture.finalize with the current weights (every rank alike); whether it changed anything."""
-        return bool(self.sae.arch.finalize(self.training_batches()))
+        return bool(self.sae.net.finalize(self.training_batches()))
 
     def dead_mask(self) -> torch.Tensor:
         """Latents unfired for dead_window_tokens tokens. Gao et al. (2024), B.2: "We consider a feature dead
@@ -439,13 +439,13 @@ class TrainingSession:
     def checkpoint(self) -> None:
         tr = self.trainer
         if tr.out_dir is not None:
-            save_checkpoint(tr.out_dir, self.state, self.sae.arch, self.opt, self.tokens_since_fired, self.ema,
+            save_checkpoint(tr.out_dir, self.state, self.sae.net, self.opt, self.tokens_since_fired, self.ema,
                             tr.sae_cfg.model_dump(), tr.mesh)
 
     def step(self, batch: torch.Tensor) -> LossOutput | None:
         """One optimizer step on a raw global batch (this replica trains on its rows of it); None (and no
         update) if the loss is not finite on some replica; DataError if that is because the batch is."""
-        tr, cfg, st, arch, mesh = self.trainer, self.trainer.cfg, self.state, self.sae.arch, self.trainer.mesh
+        tr, cfg, st, arch, mesh = self.trainer, self.trainer.cfg, self.state, self.sae.net, self.trainer.mesh
         x, _ = normalize(batch[mesh.batch_rows(batch.shape[0])].to(tr.device, non_blocking=True),
                          tr.sae_cfg.normalization)
         dead = self.dead_mask().nonzero().squeeze(1)
@@ -485,12 +485,12 @@ class TrainingSession:
         mesh = self.trainer.mesh
         if mesh.replicas == 1:
             return
-        for p in self.sae.arch.parameters():  # row-sparse gradients densified: replicas' rows differ
+        for p in self.sae.net.parameters():  # row-sparse gradients densified: replicas' rows differ
             g = torch.zeros_like(p) if p.grad is None else p.grad.to_dense()
             p.grad = mesh.reduce_(g, "replicas", "mean")
 
     def _update(self) -> None:
-        tr, cfg, arch = self.trainer, self.trainer.cfg, self.sae.arch
+        tr, cfg, arch = self.trainer, self.trainer.cfg, self.sae.net
         if self.constrain:
             _remove_parallel_grad(arch.W_dec)
         if cfg.grad_clip is not None:

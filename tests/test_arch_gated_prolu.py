@@ -25,14 +25,14 @@ def random_sae(arch: str, seed: int = 0, **kw) -> tuple[SAE, torch.Tensor]:
     sae = SAE({"arch": arch, "d_in": D, "n_latents": N, "normalization": "none", "l1_coeff": 0.3, **kw}).double()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sae.arch.named_parameters():
+        for name, p in sae.net.named_parameters():
             scale = 0.3 if name == "r_mag" else 0.5
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale)
     return sae, torch.randn(B, D, generator=gen, dtype=torch.float64)
 
 
 def leaves(sae: SAE) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone().requires_grad_() for n, p in sae.arch.named_parameters()}
+    return {n: p.detach().clone().requires_grad_() for n, p in sae.net.named_parameters()}
 
 
 def fvu(x, x_hat):
@@ -74,7 +74,7 @@ def prolu_ref(p, x, cfg):
 @pytest.mark.parametrize("decoder_norm", [False, True])
 def test_gated_forward_matches_reference(decoder_norm):
     sae, x = random_sae("gated", l1_decoder_norm=decoder_norm)
-    arch = sae.arch
+    arch = sae.net
     assert {n for n, _ in arch.named_parameters()} == {"b_pre", "W_enc", "W_dec", "b_gate", "r_mag", "b_mag"}
     ref = gated_ref(leaves(sae), x, arch.cfg)
     # the random point exercises every case: gate shut with a positive magnitude, gate open with a negative one
@@ -96,7 +96,7 @@ def test_gated_forward_matches_reference(decoder_norm):
 @pytest.mark.parametrize("decoder_norm", [False, True])
 def test_prolu_forward_matches_reference(mode, decoder_norm):
     sae, x = random_sae("prolu", gradient=mode, l1_decoder_norm=decoder_norm)
-    arch = sae.arch
+    arch = sae.net
     ref = prolu_ref(leaves(sae), x, arch.cfg)
     m, gate = ref["m"].detach(), ref["gate"]
     assert (gate.any() and ((m > 0) & ~gate).any()), "the bias must shut some positive pre-activations"
@@ -120,7 +120,7 @@ def grads(loss, params, names):
 @pytest.mark.parametrize("decoder_norm", [False, True])
 def test_gated_gradients_freeze_the_decoder_in_aux_and_gate_learns_only_from_l1_and_aux(decoder_norm):
     sae, x = random_sae("gated", seed=1, l1_decoder_norm=decoder_norm)
-    arch = sae.arch
+    arch = sae.net
     arch.loss(x, CTX).loss.backward()
     got = {n: p.grad for n, p in arch.named_parameters()}
     names = list(got)
@@ -175,7 +175,7 @@ def test_prolu_function_gradients_are_the_synthetic_formulas(mode):
 @pytest.mark.parametrize("mode", ["ste", "relu"])
 def test_prolu_sae_gradients_follow_the_synthetic_formulas(mode):
     sae, x = random_sae("prolu", seed=3, gradient=mode)
-    arch = sae.arch
+    arch = sae.net
     arch.loss(x, CTX).loss.backward()
 
     # reference: autograd up to z, then the formulas back to the encoder by hand
@@ -247,5 +247,5 @@ def test_defaults():
     assert p.gradient == "ste"
     for cfg in (g, p):
         assert (cfg.l1_coeff, cfg.l1_warmup_frac, cfg.l1_decoder_norm) == (5e-3, 0.05, False)
-        arch = SAE(cfg).arch
+        arch = SAE(cfg).net
         assert type(arch).default_resamples == 4 and type(arch).train_defaults == {}

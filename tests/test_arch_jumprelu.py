@@ -21,7 +21,7 @@ def cfg(**kw):
 
 def random_arch(seed=0, **kw):
     """A float64 JumpReLU with every parameter random; thresholds spread over the pre-activations' range."""
-    arch = SAE(cfg(**kw)).arch.double()
+    arch = SAE(cfg(**kw)).net.double()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in (arch.W_enc, arch.W_dec, arch.b_pre, arch.b_enc):
@@ -127,7 +127,7 @@ def test_bandwidth_scales_with_the_input_normalisation(kind):
     session = Trainer(cfg(normalization=kind, bandwidth=bandwidth, l0_coeff=0.0),
                       {"train_tokens": 512, "batch_size": 256, "init_samples": 1024}, src).start()
     seen = {}
-    arch = session.sae.arch
+    arch = session.sae.net
     real = arch.loss
     arch.loss = lambda x, ctx: (seen.update(ctx=ctx, x=x), real(x, ctx))[1]
     session.step(src.train_batch(0, 256))
@@ -136,7 +136,7 @@ def test_bandwidth_scales_with_the_input_normalisation(kind):
     rms = {"unit_norm": 1.0, "standardize": math.sqrt(D), "none": float(sample.pow(2).sum(1).mean().sqrt())}[kind]
     assert ctx.input_rms == pytest.approx(rms, rel=1e-9)
     eps = bandwidth * rms
-    ref = SAE(cfg(normalization=kind, bandwidth=bandwidth, l0_coeff=0.0)).arch.double()
+    ref = SAE(cfg(normalization=kind, bandwidth=bandwidth, l0_coeff=0.0)).net.double()
     ref.load_state_dict(arch.state_dict())
     with torch.no_grad():  # thresholds spread over the pre-activations, so some sit near them
         h = ref.preactivation(x)
@@ -236,7 +236,7 @@ def test_defaults_and_training_settings():
 
 
 def test_reset_latent_params_restores_only_the_given_latents(tmp_path):
-    arch = SAE(cfg(threshold_init=0.05)).arch
+    arch = SAE(cfg(threshold_init=0.05)).net
     arch.reset_parameters(True, 0)
     torch.testing.assert_close(arch.threshold.detach(), torch.full((N,), 0.05))
     with torch.no_grad():
@@ -255,10 +255,10 @@ def test_reset_latent_params_restores_only_the_given_latents(tmp_path):
         assert torch.equal(getattr(arch, name).detach(), before[name]), name
     # and the thresholds survive a save/load round trip
     sae = SAE(cfg(threshold_init=0.05))
-    sae.arch.load_state_dict(arch.state_dict())
+    sae.net.load_state_dict(arch.state_dict())
     sae.save(tmp_path)
     loaded = SAE.load(tmp_path)
-    assert torch.equal(loaded.arch.threshold, arch.threshold.detach())
+    assert torch.equal(loaded.net.threshold, arch.threshold.detach())
     assert loaded.cfg == sae.cfg
 
 

@@ -17,7 +17,7 @@ def make(cfg: dict, seed: int = 0) -> SAE:
     sae = SAE({"d_in": 16, "n_latents": 48, "normalization": "none", **cfg}).double()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in sae.arch.parameters():
+        for p in sae.net.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
     return sae
 
@@ -25,7 +25,7 @@ def make(cfg: dict, seed: int = 0) -> SAE:
 @pytest.mark.parametrize("decoder_norm", [False, True])
 def test_relu_forward_and_loss_match_float64_reference(decoder_norm):
     sae = make({"arch": "relu", "l1_coeff": 0.03, "l1_warmup_frac": 0.2, "l1_decoder_norm": decoder_norm})
-    a = sae.arch
+    a = sae.net
     x = torch.randn(40, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ctx = StepContext(mse_scale=0.7, input_rms=1.3, progress=0.05)  # a quarter of the way through the warm-up
     out = a.loss(x, ctx)
@@ -53,7 +53,7 @@ def test_l1_coeff_is_the_papers_lambda_on_unit_norm_inputs(family):
                       {"train_tokens": 1024, "batch_size": 256, "init_samples": 1024}, SRC).start()
     st = session.state
     assert st.input_rms == 1.0 and 1.0 < st.mse_scale < 1.5  # 1 / E||x - mean||^2 = 1 / (1 - ||mean||^2)
-    a = session.sae.arch.double()
+    a = session.sae.net.double()
     x = normalize(SRC.train_batch(3, 256).double(), "unit_norm")[0]
     out = a.loss(x, StepContext(mse_scale=st.mse_scale, input_rms=st.input_rms, progress=1.0))
     with torch.no_grad():
@@ -67,8 +67,8 @@ def test_l1_coeff_is_the_papers_lambda_on_unit_norm_inputs(family):
 def test_relu_decoder_norm_option_leaves_decoder_unconstrained():
     cfg = {"arch": "relu", "d_in": 16, "n_latents": 48, "normalization": "none"}
     train = {"train_tokens": 256 * 20, "batch_size": 256, "lr": 3e-3}
-    free = Trainer({**cfg, "l1_decoder_norm": True}, train, SRC).run().sae.arch.W_dec.detach().norm(dim=1)
-    unit = Trainer(cfg, train, SRC).run().sae.arch.W_dec.detach().norm(dim=1)
+    free = Trainer({**cfg, "l1_decoder_norm": True}, train, SRC).run().sae.net.W_dec.detach().norm(dim=1)
+    unit = Trainer(cfg, train, SRC).run().sae.net.W_dec.detach().norm(dim=1)
     assert (free - 1).abs().max() > 1e-3
     torch.testing.assert_close(unit, torch.ones(48), rtol=0, atol=1e-6)
 
@@ -86,18 +86,18 @@ def test_relu_larger_l1_gives_sparser_code():
 def test_batchtopk_trains_at_k_per_row_on_average_and_uses_threshold_after_loading(tmp_path):
     r = Trainer({"arch": "batchtopk", "d_in": 16, "n_latents": 48, "k": 4, "normalization": "none"},
                 {"train_tokens": 256 * 60, "batch_size": 256, "lr": 3e-3}, SRC, tmp_path).run()
-    theta = float(r.sae.arch.threshold)
+    theta = float(r.sae.net.threshold)
     assert theta > 0 and r.curve[-1]["threshold"] > 0  # the curve points' stand-in, then eq. 8's estimate
     loaded = SAE.load(tmp_path)
-    assert float(loaded.arch.threshold) == theta
+    assert float(loaded.net.threshold) == theta
     x = SRC.eval_set()[:200]
     with torch.no_grad():
         z = loaded.encode(x)
-        h = loaded.arch.preactivation(x)
+        h = loaded.net.preactivation(x)
     torch.testing.assert_close(z, h * (h > theta))
     # training selection keeps exactly k*B over the batch
     with torch.no_grad():
-        out = loaded.arch.loss(SRC.train_batch(0, 256), StepContext(mse_scale=1.0))
+        out = loaded.net.loss(SRC.train_batch(0, 256), StepContext(mse_scale=1.0))
     assert int((out.code.vals > 0).sum()) == 4 * 256
     assert 1 < r.metrics["l0"] < 12  # the inference threshold gives an L0 near k on held-out data
 
@@ -126,8 +126,8 @@ def test_batchtopk_threshold_is_eq8_on_training_batches_with_the_final_weights(e
                 {"train_tokens": B * steps, "batch_size": B, "lr": lr, "ema_decay": ema_decay}, SRC).run()
     assert r.status == "ok" and r.ema_used == (ema_decay is not None)  # the EMA case keeps the EMA weights
     used = range(steps - 1, max(steps - 1 - batches, -1), -1)
-    want = eq8_reference(r.sae.arch, [SRC.train_batch(s, B) for s in used], k)
-    theta = float(r.sae.arch.threshold)
+    want = eq8_reference(r.sae.net, [SRC.train_batch(s, B) for s in used], k)
+    theta = float(r.sae.net.threshold)
     assert theta == pytest.approx(want, rel=1e-5)
     # the running estimate (what the old code kept as theta) is a different number
     stand_in = r.curve[-1]["threshold"]
@@ -135,7 +135,7 @@ def test_batchtopk_threshold_is_eq8_on_training_batches_with_the_final_weights(e
     # and the held-out metrics are those of this theta
     x = SRC.eval_set()
     with torch.no_grad():
-        h = r.sae.arch.preactivation(x)
+        h = r.sae.net.preactivation(x)
     assert r.metrics["l0"] == pytest.approx(float((h > theta).sum(1).double().mean()), rel=1e-6)
 
 
@@ -144,7 +144,7 @@ def test_resampling_revives_dead_latents_and_resets_their_adam_moments():
                       {"train_tokens": 256 * 4, "batch_size": 256, "dead_window_tokens": 256, "lr": 1e-3,
                        "resample_dead": 0}, SRC)
     s = trainer.start()
-    arch = s.sae.arch
+    arch = s.sae.net
     for step in range(2):
         s.step(SRC.train_batch(step, 256))
     dead = torch.tensor([3, 17, 30])
@@ -186,14 +186,14 @@ def test_test_time_activation_swap(arch):
     sae = make({"arch": arch, **extra}).float()
     x = torch.randn(30, 16)
     with torch.no_grad():
-        h = sae.arch.preactivation(x)
+        h = sae.net.preactivation(x)
         code, _ = sae.encode_with(x, k=5)
-        z = sae.arch.dense_latents(code)
+        z = sae.net.dense_latents(code)
         ref = torch.zeros_like(h).scatter(1, h.topk(5).indices, h.topk(5).values).relu()
         torch.testing.assert_close(z, ref)
         zj, _ = sae.encode_with(x, threshold=0.3)
         torch.testing.assert_close(zj, h * (h > 0.3))
-        torch.testing.assert_close(sae.decode(code), z @ sae.arch.W_dec + sae.arch.b_pre)
+        torch.testing.assert_close(sae.decode(code), z @ sae.net.W_dec + sae.net.b_pre)
 
 
 @pytest.mark.parametrize("cfg, key, allowed", [

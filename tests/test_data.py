@@ -4,7 +4,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from sae_core.data import ActivationData, DataConfig, HookConfig
+from sae_core.activation_data import ActivationData, DataConfig, HookConfig
 from sae_core.errors import DataError
 from sae_core.sources.multilayer import MultiLayerSource
 from sae_core.sources.streaming import StreamingActivations

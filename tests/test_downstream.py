@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae_core import SAE
-from sae_core.data import ActivationData, DataConfig, HookConfig
+from sae_core.activation_data import ActivationData, DataConfig, HookConfig
 from sae_core.errors import DataError
 from sae_core.evaluation.downstream import DownstreamEval, downstream_row, zeros
 from sae_core.evaluation.reconstruction import evaluate

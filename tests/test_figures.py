@@ -330,9 +330,9 @@ def test_figures_skip_with_a_reason_when_data_lack_what_they_need(data):
 
 def test_family_skips_without_saes(tmp_path, data):
     with pytest.raises(SkipFigure, match="SAE folders missing"):
-        F.fig_family(tmp_path, data[0])
+        F.fig_width_ladder(tmp_path, data[0])
     with pytest.raises(SkipFigure, match="differ only in n_latents"):
-        F.fig_family(tmp_path, data[0][data[0].n_latents == 256])
+        F.fig_width_ladder(tmp_path, data[0][data[0].n_latents == 256])
 
 
 # ---------------------------------------------------------------- render_all on a real store
@@ -359,7 +359,7 @@ def test_render_all_writes_supported_figures_and_lists_skips(tmp_path):
     assert [name for name, _, _ in result] == list(F.FIGURES)
     drawn = {name: paths for name, paths, reason in result if paths}
     skipped = {name: reason for name, paths, reason in result if paths is None}
-    assert set(drawn) == {"loc", "lofn", "nmse_vs_n", "dead", "recovery", "curves", "family"}
+    assert set(drawn) == {"loc", "lofn", "nmse_vs_n", "dead", "recovery", "curves", "width_ladder"}
     for paths in drawn.values():
         assert [p.suffix for p in paths] == [".png", ".pdf"]
         assert all(p.is_file() and p.stat().st_size > 1000 for p in paths)

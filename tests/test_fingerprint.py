@@ -19,7 +19,7 @@ import sae_core.fingerprint as fp
 from orchestrator.plan import RunPlan, data_identity, pending_reason, plan_runs
 from orchestrator.spec import parse_spec
 from sae_core.config import TrainConfig
-from sae_core.data import ActivationData, DataConfig, HookConfig
+from sae_core.activation_data import ActivationData, DataConfig, HookConfig
 from sae_core.lm.loading import local_model_fingerprint
 from sae_core.text.documents import TextSpec
 from conftest import build_tokenizer

@@ -29,16 +29,16 @@ def trained_like(arch: str, normalization: str, seed: int = 0) -> SAE:
                                                   "context_length": 64}})
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in sae.arch.named_parameters():
+        for name, p in sae.net.named_parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
-        rows = sae.arch.W_dec
+        rows = sae.net.W_dec
         rows.div_(rows.norm(dim=1, keepdim=True))
         if arch in ("relu", "jumprelu", "batchtopk", "gated"):
             rows.mul_(0.5 + torch.rand(N, 1, generator=g))
         if arch == "jumprelu":
-            sae.arch.threshold.copy_(0.05 + 0.05 * torch.rand(N, generator=g))
+            sae.net.threshold.copy_(0.05 + 0.05 * torch.rand(N, generator=g))
         if arch == "batchtopk":
-            sae.arch.threshold.fill_(0.07)
+            sae.net.threshold.fill_(0.07)
     return sae
 
 
@@ -92,7 +92,7 @@ def exported(tmp_path, arch, normalization, fmt):
 
 def unit_scale(sae: SAE) -> torch.Tensor:
     """The exported latents are ours times the decoder row norms (exports have unit-norm rows)."""
-    return sae.arch.W_dec.detach().double().norm(dim=1)
+    return sae.net.W_dec.detach().double().norm(dim=1)
 
 
 @pytest.mark.parametrize("arch", SAELENS)
@@ -174,11 +174,11 @@ def test_unexportable_saes_and_runs_are_refused_with_the_reason(tmp_path, capsys
     trained_like("topk", "unit_norm").save(tmp_path / "topk")
     skewed = trained_like("topk", "none")
     with torch.no_grad():
-        skewed.arch.W_dec.mul_(2.0)
+        skewed.net.W_dec.mul_(2.0)
     skewed.save(tmp_path / "skewed")
     unset = trained_like("batchtopk", "none")
     with torch.no_grad():
-        unset.arch.threshold.fill_(-1.0)
+        unset.net.threshold.fill_(-1.0)
     unset.save(tmp_path / "unset")
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "trainer_state.json").write_text("{}")
@@ -219,7 +219,7 @@ def test_folders_no_format_can_read_are_refused_with_the_reason(tmp_path):
 
 def test_family_comparison_reads_peer_folders(tmp_path):
     """A peer's SAE goes through our evaluations: the family comparison of an exported pair equals ours."""
-    from sae_core.evaluation.family import compare_saved
+    from sae_core.evaluation.width_ladder import compare_saved
 
     folders = []
     for n in (16, 32):
@@ -291,6 +291,6 @@ def test_peer_saes_imported_into_a_sweep_get_rows_figures_and_fits(tmp_path, cap
     assert main(["fit", str(tmp_path / "results" / "imp")]) in (0, 1)  # 2 widths: too few for a law, no crash
     assert (tmp_path / "results" / "imp" / "figures" / "nmse_vs_n.png").is_file()
     with pytest.raises(DataError, match="16-dimensional"):
-        from orchestrator.imported import import_saes
+        from orchestrator.import_saes import import_saes
         SAE({"arch": "topk", "d_in": 16, "n_latents": 32, "k": 4}).save(tmp_path / "wide")
         import_saes(path, [tmp_path / "wide"], tmp_path / "results", echo=lambda _: None)

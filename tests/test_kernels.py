@@ -123,7 +123,7 @@ def test_batch_topk_keeps_exactly_k_times_b_and_matches_dense_grads():
 
 
 def test_batch_topk_candidate_bound_is_exact_including_a_dominant_row():
-    from sae_core.kernels.sparse_sae import _batch_topk
+    from sae_core.kernels.topk_autograd import _batch_topk
     pre = torch.randn(64, 500, generator=torch.Generator().manual_seed(3)).relu()
     for case in ("spread", "one row dominates"):
         if case == "one row dominates":

@@ -12,7 +12,7 @@ import yaml
 from analysis.results import load_curves, load_layers, load_recovery, load_runs
 from orchestrator.cli import main
 from orchestrator.worker import SharedStream
-from sae_core.data import ActivationData, DataConfig, HookConfig
+from sae_core.activation_data import ActivationData, DataConfig, HookConfig
 from sae_core.evaluation.reconstruction import evaluate
 from sae_core.sources.base import ActivationSource
 from sae_core.sources.multilayer import MultiLayerSource
@@ -104,8 +104,8 @@ def test_dead_window_counts_tokens_not_vectors(layers):
                        "dead_window_tokens": window, "resample_dead": 0}, src)
     session = trainer.start()
     with torch.no_grad():  # latent 0 can never win the top k
-        session.sae.arch.W_enc[0] = 0.0
-        session.sae.arch.b_enc[0] = -1e6
+        session.sae.net.W_enc[0] = 0.0
+        session.sae.net.b_enc[0] = -1e6
     for step in range(4):  # 4, 8, 12, 16 tokens
         session.step(src.train_batch(step, batch))
         tokens = 4 * (step + 1)

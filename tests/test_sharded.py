@@ -43,7 +43,7 @@ def assert_same_curve(mine: list[dict], theirs: list[dict]) -> None:
 def single():
     session = Trainer(SAE_CFG, TRAIN, SOURCE).start()
     session.step(SOURCE.train_batch(0, TRAIN["batch_size"]))
-    norm = sum(float(row_sparse_parts(p.grad)[1].pow(2).sum()) for p in session.sae.arch.parameters()) ** 0.5
+    norm = sum(float(row_sparse_parts(p.grad)[1].pow(2).sum()) for p in session.sae.net.parameters()) ** 0.5
     assert norm == pytest.approx(TRAIN["grad_clip"], rel=1e-4)  # so the shards' norm must be the global one
     result = Trainer(SAE_CFG, TRAIN, SOURCE).run()
     assert any(row.get("aux_loss", 0) > 0 for row in result.curve) and result.metrics["dead_frac"] > 0
@@ -61,7 +61,7 @@ def test_group_trains_the_single_process_sae(single, shards, world, select, arch
     ref = single if (select, arch) == ("exact", "topk") else Trainer(sae_cfg, train, SOURCE).run()
     out = run_local_group(train_local, world, (shards, sae_cfg, train, SOURCE))
     assert out[0]["weights"] is not None and all(o["weights"] is None for o in out[1:])
-    assert max_diff(out[0]["weights"], ref.sae.arch.state_dict()) < 1e-5
+    assert max_diff(out[0]["weights"], ref.sae.net.state_dict()) < 1e-5
     for o in out:  # every rank reports the whole run's figures
         assert o["status"] == "ok" and o["steps"] == ref.steps and o["tokens"] == ref.tokens
         assert o["flops"] == pytest.approx(ref.flops)
@@ -74,10 +74,10 @@ def _select_on_mesh(rank, world, port, weights, x, k, capacity):
     init_distributed(rank, world, "127.0.0.1", port, torch.device("cpu"))
     mesh = build_mesh(world, 1, capacity)
     sae = SAE({**SAE_CFG, "k": k}, init_seed=None, mesh=mesh).double()
-    lo = sae.arch.latent_start
-    sae.arch.load_state_dict({name: v[lo:lo + sae.arch.n_local] if name in sae.arch.latent_parameters() else v
+    lo = sae.net.latent_start
+    sae.net.load_state_dict({name: v[lo:lo + sae.net.n_local] if name in sae.net.latent_parameters() else v
                               for name, v in weights.items()})
-    code = sae.arch.encode_sparse(x)
+    code = sae.net.encode_sparse(x)
     return {(b, int(i) + lo): float(v) for b, (row_i, row_v) in enumerate(zip(code.idx, code.vals))
             for i, v in zip(row_i, row_v) if v > 0}
 
@@ -90,8 +90,8 @@ def test_sharded_selection_is_the_global_topk_within_capacity(capacity):
     gen = torch.Generator().manual_seed(0)
     sae = SAE({**SAE_CFG, "k": k}, init_seed=3).double()
     with torch.no_grad():
-        sae.arch.b_enc.copy_(torch.randn(256, generator=gen, dtype=torch.float64))
-    weights = sae.arch.state_dict()
+        sae.net.b_enc.copy_(torch.randn(256, generator=gen, dtype=torch.float64))
+    weights = sae.net.state_dict()
     x = torch.randn(64, 16, generator=gen, dtype=torch.float64)
     parts = run_local_group(_select_on_mesh, S, (weights, x, k, capacity))
     got = {key: v for part in parts for key, v in part.items()}
@@ -145,9 +145,9 @@ def test_killed_group_resumes_from_its_sharded_checkpoint(tmp_path, single):
     assert len(list((tmp_path / "trainer_state").iterdir())) >= 1
     out = run_local_group(train_local, 2, (2, SAE_CFG, train, slow, str(tmp_path)))
     assert out[0]["status"] == "ok" and out[0]["steps"] == 12
-    assert max_diff(out[0]["weights"], single.sae.arch.state_dict()) < 1e-5
+    assert max_diff(out[0]["weights"], single.sae.net.state_dict()) < 1e-5
     assert_same_curve(out[0]["curve"], single.curve)  # the curve rows before the kill came from the checkpoint
-    assert max_diff(SAE.load(tmp_path).arch.state_dict(), single.sae.arch.state_dict()) < 1e-5
+    assert max_diff(SAE.load(tmp_path).net.state_dict(), single.sae.net.state_dict()) < 1e-5
 
 
 def test_sharded_checkpoint_consolidates_and_resumes_in_one_process(tmp_path, single):
@@ -157,10 +157,10 @@ def test_sharded_checkpoint_consolidates_and_resumes_in_one_process(tmp_path, si
     assert stopped[0]["status"] == "stopped" and stopped[0]["steps"] == 5
     files = sorted(p.name for p in (tmp_path / "trainer_state").glob("*/*.safetensors"))
     assert files == ["shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
-    assert max_diff(consolidate(tmp_path).arch.state_dict(), stopped[0]["weights"]) == 0
+    assert max_diff(consolidate(tmp_path).net.state_dict(), stopped[0]["weights"]) == 0
     resumed = Trainer(SAE_CFG, TRAIN, SOURCE, tmp_path).run()
     assert resumed.status == "ok" and resumed.steps == 12
-    assert max_diff(resumed.sae.arch.state_dict(), single.sae.arch.state_dict()) < 1e-5
+    assert max_diff(resumed.sae.net.state_dict(), single.sae.net.state_dict()) < 1e-5
 
 
 @pytest.mark.parametrize("sae, train, mesh, message", [

@@ -36,7 +36,7 @@ def assert_rows_match(a_dir, b_dir, run_id):
     ca, cb = (c[c["run_id"] == run_id] for c in (load_curves(a_dir), load_curves(b_dir)))
     assert ca["step"].tolist() == cb["step"].tolist()
     assert ca["nmse"].to_numpy() == pytest.approx(cb["nmse"].to_numpy(), abs=1e-5)
-    wa, wb = (SAE.load(d / "saes" / run_id).arch.state_dict() for d in (a_dir, b_dir))
+    wa, wb = (SAE.load(d / "saes" / run_id).net.state_dict() for d in (a_dir, b_dir))
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
 
 

@@ -321,7 +321,7 @@ def test_flops_match_the_documented_formula_and_the_loss():
         if run.arch == "multi_topk":
             assert expected == 2 * 16 * 64 + 46 * 16 * 4
         assert run.flops() == pytest.approx(tokens * expected), run.arch
-        arch = SAE(run.sae).arch
+        arch = SAE(run.sae).net
         out = arch.loss(x, StepContext(mse_scale=1.0))
         assert out.flops / x.shape[0] == pytest.approx(expected), run.arch
 

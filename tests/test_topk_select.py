@@ -99,6 +99,6 @@ def test_streamed_encoder_and_row_blocked_adam_train_like_the_one_pass_path(monk
             monkeypatch.setattr(topk_select, "CHUNK_ENTRIES", 32 * 100)
             monkeypatch.setattr(optim, "ROW_BLOCK_ENTRIES", 16 * 150)
         result = Trainer(sae, train, src).run()
-        weights.append({k: v.detach().clone() for k, v in result.sae.arch.state_dict().items()})
+        weights.append({k: v.detach().clone() for k, v in result.sae.net.state_dict().items()})
     for name in weights[0]:
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-6, atol=1e-7, msg=name)

@@ -30,7 +30,7 @@ def train_cfg(**kw):
 def test_decoder_rows_unit_norm_after_every_step(tmp_path):
     for _ in range(4):  # one step per run, each resuming the last: the norm is seen after every step
         result = Trainer(topk_cfg(), train_cfg(), SMALL, tmp_path).run(max_steps=1)
-        norms = result.sae.arch.W_dec.detach().norm(dim=1)
+        norms = result.sae.net.W_dec.detach().norm(dim=1)
         torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
     assert result.steps == 4
 
@@ -79,16 +79,16 @@ def test_auxk_loss_normalisation_matches_float64_reference_and_is_nan_safe(norma
     normaliser, mean_b ||e_b - ê_b||^2 / ||e_b||^2. Both against a dense float64 re-computation."""
     cfg = parse_sae_config(topk_cfg(k=2, k_aux=4, aux_coeff=0.5, aux_normalization=normalization))
     sae = SAE(cfg).double()
-    sae.arch.reset_parameters(True, 0)
+    sae.net.reset_parameters(True, 0)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # b_pre far from 0: the per-token normaliser must be ||e||, not ||e + b_pre||
-        sae.arch.b_pre.copy_(torch.randn(16, generator=gen, dtype=torch.float64) * 3)
-        sae.arch.b_enc.copy_(torch.randn(64, generator=gen, dtype=torch.float64) * 0.1)
+        sae.net.b_pre.copy_(torch.randn(16, generator=gen, dtype=torch.float64) * 3)
+        sae.net.b_enc.copy_(torch.randn(64, generator=gen, dtype=torch.float64) * 0.1)
     x = torch.randn(32, 16, generator=gen, dtype=torch.float64) * 2
     dead = torch.arange(10, 30)
-    out = sae.arch.loss(x, StepContext(mse_scale=0.3, dead_latents=dead))
+    out = sae.net.loss(x, StepContext(mse_scale=0.3, dead_latents=dead))
     # dense re-computation of the same quantities
-    a = sae.arch
+    a = sae.net
     pre = (x - a.b_pre) @ a.W_enc.T + a.b_enc
     top = pre.topk(2).indices
     z = torch.zeros_like(pre).scatter(1, top, pre.gather(1, top)).relu()
@@ -121,15 +121,15 @@ def test_auxk_loss_normalisation_matches_float64_reference_and_is_nan_safe(norma
 
 def test_multi_topk_loss_is_lk_plus_l4k_over_8():
     sae = SAE({"arch": "multi_topk", "d_in": 16, "n_latents": 64, "k": 3, "normalization": "none"})
-    sae.arch.reset_parameters(True, 1)
+    sae.net.reset_parameters(True, 1)
     x = torch.randn(20, 16)
-    out = sae.arch.loss(x, StepContext(mse_scale=1.0))
-    pre = (x - sae.arch.b_pre) @ sae.arch.W_enc.T + sae.arch.b_enc
+    out = sae.net.loss(x, StepContext(mse_scale=1.0))
+    pre = (x - sae.net.b_pre) @ sae.net.W_enc.T + sae.net.b_enc
 
     def recon_err(kk):
         top = pre.topk(kk).indices
         z = torch.zeros_like(pre).scatter(1, top, pre.gather(1, top)).relu()
-        return ((x - z @ sae.arch.W_dec - sae.arch.b_pre) ** 2).sum(1).mean()
+        return ((x - z @ sae.net.W_dec - sae.net.b_pre) ** 2).sum(1).mean()
 
     torch.testing.assert_close(out.loss.detach(), (recon_err(3) + recon_err(12) / 8).detach(), rtol=1e-5, atol=1e-6)
     assert out.code.idx.shape == (20, 3)  # inference code keeps k
@@ -142,7 +142,7 @@ def test_resume_from_checkpoint_is_bit_for_bit(tmp_path):
     assert first.status == "stopped" and (tmp_path / "b" / MANIFEST).is_file()
     resumed = Trainer(topk_cfg(), cfg, SMALL, tmp_path / "b").run()
     assert resumed.status == "ok" and resumed.steps == straight.steps == 10
-    for (name, a), (_, b) in zip(straight.sae.arch.state_dict().items(), resumed.sae.arch.state_dict().items()):
+    for (name, a), (_, b) in zip(straight.sae.net.state_dict().items(), resumed.sae.net.state_dict().items()):
         assert torch.equal(a, b), name
     assert resumed.curve == straight.curve
     assert resumed.metrics == straight.metrics
@@ -163,7 +163,7 @@ def test_divergence_stops_with_status_and_keeps_last_good_checkpoint(tmp_path):
     r = Trainer(topk_cfg(), train_cfg(checkpoint_every_tokens=256 * 2), Poisoned(), tmp_path).run()
     assert r.status == "diverged" and "step 5" in r.error and r.steps == 5
     assert json.loads((tmp_path / MANIFEST).read_text())["state"]["step"] == 4
-    assert all(torch.isfinite(v).all() for v in consolidate(tmp_path).arch.state_dict().values())
+    assert all(torch.isfinite(v).all() for v in consolidate(tmp_path).net.state_dict().values())
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -261,7 +261,7 @@ def test_recovers_ground_truth_features():
     src = SyntheticSource(d_in=32, n_features=128, active_per_vector=4, noise_std=0.01, seed=3, n_eval=2048)
     r = Trainer({"arch": "topk", "d_in": 32, "n_latents": 256, "k": 4, "normalization": "none"},
                 {"train_tokens": 400_000, "batch_size": 1024, "lr": 2e-3, "dead_window_tokens": 20_000}, src).run()
-    assert mmcs(r.sae.arch.W_dec.detach(), src.features) >= 0.9
+    assert mmcs(r.sae.net.W_dec.detach(), src.features) >= 0.9
 
 
 def test_latent_statistics_are_saved_with_the_sae_and_match_a_dense_reference(tmp_path):
@@ -285,9 +285,9 @@ def test_fitted_encoder_scale_is_the_least_squares_factor_of_the_initial_reconst
     src = SyntheticSource(d_in=16, n_features=64, seed=3)
     sae_cfg = {"d_in": 16, "n_latents": 128, **arch}
     train = {"train_tokens": 64, "batch_size": 32, "init_samples": 512}
-    plain = Trainer(sae_cfg, {**train, "init_encoder_scale": 1.0}, src).start().sae.arch
-    fitted = Trainer(sae_cfg, {**train}, src).start().sae.arch
-    tripled = Trainer(sae_cfg, {**train, "init_encoder_scale": 3.0}, src).start().sae.arch
+    plain = Trainer(sae_cfg, {**train, "init_encoder_scale": 1.0}, src).start().sae.net
+    fitted = Trainer(sae_cfg, {**train}, src).start().sae.net
+    tripled = Trainer(sae_cfg, {**train, "init_encoder_scale": 3.0}, src).start().sae.net
     torch.testing.assert_close(tripled.W_enc, 3 * plain.W_enc)
     # float64 reference: the factor that minimises ||x - b_pre - s (x_hat - b_pre)||^2 on the init sample
     x = normalize(src.sample(512).double(), "unit_norm")[0]
@@ -367,7 +367,7 @@ def test_input_rms_of_each_normalisation_reaches_the_step_context(kind):
     if kind == "none":
         assert not 0.9 < measured < 1.1  # the synthetic data is not unit-norm: the test can see the difference
     seen = {}
-    arch = session.sae.arch
+    arch = session.sae.net
     real = arch.loss
     arch.loss = lambda x, ctx: (seen.setdefault("rms", ctx.input_rms), real(x, ctx))[1]
     session.step(SMALL.train_batch(0, 256))
@@ -390,12 +390,12 @@ def test_per_token_auxk_and_batchtopk_threshold_are_the_same_on_two_shards_by_tw
     assert any(row.get("aux_loss", 0) > 0 for row in ref.curve)
     out = run_local_group(train_local, 4, (2, sae_cfg, train, src))
     weights = out[0]["weights"]
-    for k, v in ref.sae.arch.state_dict().items():
+    for k, v in ref.sae.net.state_dict().items():
         assert float((weights[k].double() - v.double()).abs().max()) < 1e-5, k
     for o in out:
         assert o["metrics"]["nmse"] == pytest.approx(ref.metrics["nmse"], abs=1e-6)
         assert [r.get("aux_loss", 0) for r in o["curve"]] == pytest.approx([r.get("aux_loss", 0) for r in ref.curve],
                                                                             abs=1e-5)
     if arch == "batchtopk":
-        assert float(ref.sae.arch.threshold) > 0 and float(weights["threshold"]) == pytest.approx(
-            float(ref.sae.arch.threshold), rel=1e-5)
+        assert float(ref.sae.net.threshold) > 0 and float(weights["threshold"]) == pytest.approx(
+            float(ref.sae.net.threshold), rel=1e-5)

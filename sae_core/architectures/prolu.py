@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sae_core.architectures.base import LossOutput, StepContext, fvu_loss, register
-from sae_core.architectures.sparsity import L1Config, L1Family, l1_penalty
+from sae_core.architectures.l1_penalty import L1Config, L1Family, l1_penalty
 from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 ProLUGradient = Literal["ste", "relu"]

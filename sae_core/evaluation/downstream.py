@@ -120,7 +120,7 @@ class DownstreamEval:
 def reconstruction(sae: SAE, encode: Callable | None = None) -> Replace:
     """The splice of an SAE's reconstruction (or of a test-time activation through `encode`), on the SAE's device."""
     encode = encode or sae.encode_code
-    device = sae.arch.W_dec.device
+    device = sae.net.W_dec.device
 
     def replace(v: torch.Tensor) -> torch.Tensor:
         return sae.decode(*encode(v.to(device))).float().to(v.device)

@@ -45,8 +45,8 @@ def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096,
     each layer's, the pooled figures nmse_pooled and mse_pooled (module docstring).
     A sharded SAE is evaluated by all its shards together; each gets the whole evaluation."""
     encode = encode or sae.encode_code
-    device, mesh = sae.arch.W_dec.device, sae.arch.mesh
-    n = sae.arch.n_local
+    device, mesh = sae.net.W_dec.device, sae.net.mesh
+    n = sae.net.n_local
     mean = x.to(torch.float64).mean(dim=0).to(device)
     sq_err = total_var = l1 = 0.0
     counts = torch.zeros(n, dtype=torch.float64, device=device)

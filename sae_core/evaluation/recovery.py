@@ -29,8 +29,8 @@ def k_grid(sae: SAE, l0: float) -> list[int]:
 
 @torch.no_grad()
 def threshold_grid(sae: SAE, x: torch.Tensor, ks: list[int]) -> list[float]:
-    xs = x[:_THRESHOLD_SAMPLE].to(sae.arch.W_dec.device)
-    h = sae.arch.preactivation(sae.normalize(xs.to(sae.arch.W_dec.dtype))[0])
+    xs = x[:_THRESHOLD_SAMPLE].to(sae.net.W_dec.device)
+    h = sae.net.preactivation(sae.normalize(xs.to(sae.net.W_dec.dtype))[0])
     kth = h.topk(max(ks), dim=-1).values.clamp_min(0)  # [N, max k], descending
     return sorted({float(kth[:, k - 1].mean()) for k in ks}, reverse=True)
 

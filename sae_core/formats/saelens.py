@@ -95,7 +95,7 @@ def export(sae, out: Path, source: Path | None = None) -> Path:
     if cfg.arch not in _TO_SAELENS:
         raise DataError(f"export --format saelens: arch {cfg.arch!r} has no SAELens counterpart; "
                         f"exportable: {', '.join(_TO_SAELENS)}")
-    sd = {k: v.detach().double().cpu() for k, v in sae.arch.state_dict().items()}
+    sd = {k: v.detach().double().cpu() for k, v in sae.net.state_dict().items()}
     if cfg.arch == "batchtopk":
         if float(sd["threshold"]) < 0:
             raise DataError("export --format saelens: this BatchTopK SAE has no inference threshold yet "

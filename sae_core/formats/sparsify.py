@@ -36,7 +36,7 @@ def export(sae, out: Path, source: Path | None = None) -> Path:
         raise DataError(f"export --format sparsify: sparsify encodes raw activations, but this SAE was trained on "
                         f"normalization {cfg.normalization!r} inputs; use --format saelens (layer_norm), or train "
                         "with sae: {normalization: none}")
-    sd = {k: v.detach().float().cpu() for k, v in sae.arch.state_dict().items()}
+    sd = {k: v.detach().float().cpu() for k, v in sae.net.state_dict().items()}
     norms = sd["W_dec"].norm(dim=1)
     if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
         raise DataError("export --format sparsify: the decoder rows are not unit-norm; TopK ranks latents by value, "

@@ -1,6 +1,6 @@
 """Starting the processes of one sharded run: torch.distributed over TCP (NCCL on GPUs, gloo on CPU), and
 a local launcher that runs a group of processes on this machine (tests, bench/scaling.py). On a cluster the
-Ray scheduler starts the group instead (orchestrator/group.py) and calls the same `init_distributed`."""
+Ray scheduler starts the group instead (orchestrator/multiprocess_run.py) and calls the same `init_distributed`."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -94,5 +94,5 @@ def train_local(rank: int, world: int, port: int, shards: int, sae_cfg: dict, tr
     result = Trainer(sae_cfg, {**train_cfg, "device": "cpu"}, source, out_dir, mesh=mesh).run(max_steps)
     return {"status": result.status, "steps": result.steps, "tokens": result.tokens, "flops": result.flops,
             "metrics": result.metrics, "curve": result.curve, "wall_seconds": result.wall_seconds,
-            "weights": None if result.sae is None else {k: v.cpu() for k, v in result.sae.arch.state_dict().items()},
+            "weights": None if result.sae is None else {k: v.cpu() for k, v in result.sae.net.state_dict().items()},
             "pid": os.getpid()}

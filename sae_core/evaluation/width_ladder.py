@@ -30,7 +30,7 @@ PER_LATENT_COLUMNS = ["latent", "max_cos", "n_active", "small_mse_active", "smal
 
 
 @dataclass
-class FamilyComparison:
+class PairComparison:
     n_small: int
     n_large: int
     threshold: float
@@ -84,7 +84,7 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compare_pair(small: SAE, large: SAE, x: torch.Tensor, threshold: float = 0.7,
-                 batch_size: int = 4096) -> FamilyComparison:
+                 batch_size: int = 4096) -> PairComparison:
     """Decoder overlap and novel-latent reconstruction errors of two SAEs (order-agnostic) on x [N, d_in]."""
     if small.cfg.n_latents > large.cfg.n_latents:
         small, large = large, small
@@ -92,9 +92,9 @@ def compare_pair(small: SAE, large: SAE, x: torch.Tensor, threshold: float = 0.7
     d_in = large.cfg.d_in
     if x.ndim != 2 or x.shape[1] != d_in:
         raise DataError(f"inputs must be [N, d_in={d_in}]; got shape {tuple(x.shape)}")
-    device, small_device = large.arch.W_dec.device, small.arch.W_dec.device
-    max_cos_large = decoder_max_cosine(large.arch.W_dec, small.arch.W_dec)
-    max_cos_small = decoder_max_cosine(small.arch.W_dec, large.arch.W_dec)
+    device, small_device = large.net.W_dec.device, small.net.W_dec.device
+    max_cos_large = decoder_max_cosine(large.net.W_dec, small.net.W_dec)
+    max_cos_small = decoder_max_cosine(small.net.W_dec, large.net.W_dec)
     novel = max_cos_large < threshold
     novel_idx = novel.nonzero().squeeze(1)
     slot = torch.full((large.cfg.n_latents,), -1, dtype=torch.long, device=device)
@@ -132,11 +132,11 @@ def compare_pair(small: SAE, large: SAE, x: torch.Tensor, threshold: float = 0.7
         summary |= {f"{k}_mse_active": float(act), f"{k}_mse_inactive": float(inact),
                     f"{k}_mse_diff": float(act - inact)}
     summary["mean_max_cos"] = float(max_cos_large.double().mean())
-    return FamilyComparison(small.cfg.n_latents, large.cfg.n_latents, threshold, max_cos_large.cpu(),
+    return PairComparison(small.cfg.n_latents, large.cfg.n_latents, threshold, max_cos_large.cpu(),
                             max_cos_small.cpu(), novel.cpu(), novel_frac, per_latent, summary)
 
 
-def compare_family(saes: Sequence[SAE], x: torch.Tensor, threshold: float = 0.7,
+def compare_ladder(saes: Sequence[SAE], x: torch.Tensor, threshold: float = 0.7,
                    batch_size: int = 4096) -> pd.DataFrame:
     """One row (compare_pair's summary) per consecutive pair of the SAEs sorted by n_latents."""
     if len(saes) < 2:
@@ -148,5 +148,5 @@ def compare_family(saes: Sequence[SAE], x: torch.Tensor, threshold: float = 0.7,
 
 def compare_saved(paths: Sequence[str | Path], x: torch.Tensor, threshold: float = 0.7,
                   batch_size: int = 4096) -> pd.DataFrame:
-    """compare_family on SAEs loaded from their saved folders."""
-    return compare_family([SAE.load(p) for p in paths], x, threshold, batch_size)
+    """compare_ladder on SAEs loaded from their saved folders."""
+    return compare_ladder([SAE.load(p) for p in paths], x, threshold, batch_size)

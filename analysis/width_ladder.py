@@ -1,9 +1,9 @@
-"""SAE-family comparison over a whole sweep (Leask et al. 2025): the finished SAEs that differ only in
-width (analysis.selection.width_families: same architecture, sparsity, site, other swept keys and seed, each
-at its best lr) form a family; consecutive widths are compared on the sweep's held-out vectors with
-`sae_core.evaluation.family.compare_pair`.
+"""Width ladders over a whole sweep (the "SAE families" of Leask et al. 2025; here a ladder, since "family"
+names an architecture family): the finished SAEs that differ only in width (analysis.selection.width_ladders:
+same architecture, sparsity, site, other swept keys and seed, each at its best lr) form a ladder; consecutive widths are compared on the sweep's held-out vectors with
+`sae_core.evaluation.width_ladder.compare_pair`.
 
-    table = family_table("results/leask2025-family")   # one row per (family, consecutive pair of widths)
+    table = ladder_table("results/leask2025-family")   # one row per (ladder, consecutive pair of widths)
 """
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.results import load_runs
-from analysis.selection import width_families
+from analysis.selection import width_ladders
 from orchestrator.spec import load_spec
 from orchestrator.store import ResultsStore
-from sae_core.data import ActivationData
+from sae_core.activation_data import ActivationData
 from sae_core.errors import DataError
-from sae_core.evaluation.family import compare_family
+from sae_core.evaluation.width_ladder import compare_ladder
 from sae_core.sae import SAE
 
 
-def family_table(sweep_dir: str | Path, threshold: float = 0.7, max_vectors: int = 8192,
+def ladder_table(sweep_dir: str | Path, threshold: float = 0.7, max_vectors: int = 8192,
                  device: str = "cpu") -> pd.DataFrame:
     sweep_dir = Path(sweep_dir).expanduser().resolve()
     runs = load_runs(sweep_dir)
@@ -31,11 +31,11 @@ def family_table(sweep_dir: str | Path, threshold: float = 0.7, max_vectors: int
     store = ResultsStore(sweep_dir.parent, sweep_dir.name)
     data = ActivationData(spec.model, spec.hook, spec.data).prepare()
     rows = []
-    for group, members in width_families(runs):
+    for group, members in width_ladders(runs):
         layer = group.get("layer")
         x = data.source(None if layer is None else int(layer), seed=spec.data_seed).eval_set()[:max_vectors]
         saes = [SAE.load(store.sae_dir(rid), device=device) for rid in members.run_id]
-        table = compare_family(saes, x, threshold)
+        table = compare_ladder(saes, x, threshold)
         for key, value in group.items():
             table[key] = value
         rows.append(table)

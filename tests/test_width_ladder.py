@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae_core.errors import DataError
-from sae_core.evaluation.family import compare_family, compare_pair, compare_saved, decoder_max_cosine
+from sae_core.evaluation.width_ladder import compare_ladder, compare_pair, compare_saved, decoder_max_cosine
 from sae_core.sae import SAE
 
 D = 8
@@ -16,12 +16,12 @@ def make_sae(n: int, seed: int, arch: str = "relu", d_in: int = D) -> SAE:
     cfg = {"arch": arch, "d_in": d_in, "n_latents": n, **({"k": 4} if arch == "topk" else {})}
     sae = SAE(cfg)
     g = torch.Generator().manual_seed(seed)
-    sae.arch.reset_parameters(tied=False, seed=seed)
+    sae.net.reset_parameters(tied=False, seed=seed)
     with torch.no_grad():
         # non-unit decoder rows and nonzero biases, so nothing relies on the trainer's constraint
-        sae.arch.W_dec.mul_(torch.rand(n, 1, generator=g) + 0.5)
-        sae.arch.b_enc.copy_(torch.randn(n, generator=g) * 0.1)
-        sae.arch.b_pre.copy_(torch.randn(d_in, generator=g) * 0.1)
+        sae.net.W_dec.mul_(torch.rand(n, 1, generator=g) + 0.5)
+        sae.net.b_enc.copy_(torch.randn(n, generator=g) * 0.1)
+        sae.net.b_pre.copy_(torch.randn(d_in, generator=g) * 0.1)
     return sae
 
 
@@ -60,15 +60,15 @@ def test_sae_against_itself_has_no_novel_latents(arch):
 def test_copied_latents_match_and_novelty_follows_the_random_rows():
     small, large = make_sae(16, seed=0), make_sae(32, seed=1)
     with torch.no_grad():
-        for name, p in small.arch.named_parameters():
-            target = getattr(large.arch, name)
+        for name, p in small.net.named_parameters():
+            target = getattr(large.net, name)
             target.copy_(p) if name == "b_pre" else target[:16].copy_(p)
     threshold = 0.7
     res = compare_pair(large, small, inputs(), threshold=threshold)  # order-agnostic: larger given first
     assert (res.n_small, res.n_large) == (16, 32)
     torch.testing.assert_close(res.max_cos_large[:16], torch.ones(16), atol=1e-5, rtol=0)
     assert not res.novel[:16].any()
-    ref_novel = dense_max_cos(large.arch.W_dec[16:], small.arch.W_dec) < threshold
+    ref_novel = dense_max_cos(large.net.W_dec[16:], small.net.W_dec) < threshold
     assert 0 < ref_novel.sum() < 16  # the seed gives both kinds of random rows
     assert torch.equal(res.novel[16:], ref_novel)
     assert res.novel_frac == pytest.approx(ref_novel.double().sum().item() / 32)
@@ -79,12 +79,12 @@ def test_copied_latents_match_and_novelty_follows_the_random_rows():
 def test_active_inactive_mse_matches_brute_force(arch):
     small, large, x = make_sae(16, seed=2, arch=arch), make_sae(32, seed=3, arch=arch), inputs(seed=4)
     threshold = 0.7
-    novel = (dense_max_cos(large.arch.W_dec.detach(), small.arch.W_dec.detach()) < threshold).nonzero().squeeze(1)
+    novel = (dense_max_cos(large.net.W_dec.detach(), small.net.W_dec.detach()) < threshold).nonzero().squeeze(1)
     assert 4 <= len(novel) < 32  # the seeds give novel and matched latents
     always, never = novel[:2]
     with torch.no_grad():  # one novel latent active on every input and one on none: both must be left out
-        large.arch.b_enc[always] = 100.0
-        large.arch.b_enc[never] = -100.0
+        large.net.b_enc[always] = 100.0
+        large.net.b_enc[never] = -100.0
 
     res = compare_pair(small, large, x, threshold=threshold, batch_size=37)
 
@@ -110,19 +110,19 @@ def test_active_inactive_mse_matches_brute_force(arch):
         assert res.summary[f"{k}_mse_diff"] == pytest.approx(mean_on - mean_off, rel=1e-9)
 
 
-def test_compare_family_orders_pairs_by_width():
+def test_compare_ladder_orders_pairs_by_width():
     saes = [make_sae(32, seed=5), make_sae(8, seed=6), make_sae(16, seed=7)]
     x = inputs()
-    table = compare_family(saes, x, batch_size=50)
+    table = compare_ladder(saes, x, batch_size=50)
     assert table.n_small.tolist() == [8, 16] and table.n_large.tolist() == [16, 32]
     assert table.iloc[1].to_dict() == pytest.approx(compare_pair(saes[2], saes[0], x).summary, nan_ok=True)
 
 
-def test_compare_family_rejects_bad_inputs():
+def test_compare_ladder_rejects_bad_inputs():
     with pytest.raises(DataError, match="d_in=8.*d_in=12"):
-        compare_family([make_sae(8, seed=0), make_sae(16, seed=1, d_in=12)], inputs())
+        compare_ladder([make_sae(8, seed=0), make_sae(16, seed=1, d_in=12)], inputs())
     with pytest.raises(DataError, match="at least 2 SAEs; got 1"):
-        compare_family([make_sae(8, seed=0)], inputs())
+        compare_ladder([make_sae(8, seed=0)], inputs())
 
 
 def test_compare_saved_loads_folders(tmp_path):
@@ -130,4 +130,4 @@ def test_compare_saved_loads_folders(tmp_path):
     for name, sae in zip("ab", saes):
         sae.save(tmp_path / name)
     x = inputs()
-    pd.testing.assert_frame_equal(compare_saved([tmp_path / "b", str(tmp_path / "a")], x), compare_family(saes, x))
+    pd.testing.assert_frame_equal(compare_saved([tmp_path / "b", str(tmp_path / "a")], x), compare_ladder(saes, x))

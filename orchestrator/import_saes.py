@@ -65,7 +65,7 @@ def import_saes(sweep_path: str | Path, folders: list[str | Path], results: str 
         started = now_utc()
         ev = evaluate(sae, stream.eval_set(), layer_ids=stream.eval_layer_ids())  # per layer if multi-layer
         result = RunResult(status="ok", error=None, metrics=ev.metrics, curve=[], steps=None, tokens=None,
-                           flops=None, lr=None, wall_seconds=None, device=str(sae.arch.W_dec.device), sae=sae)
+                           flops=None, lr=None, wall_seconds=None, device=str(sae.net.W_dec.device), sae=sae)
         finish_run(spec, data, stream, ActiveRun(plan, None, None, started), result, None, store, layer, splicer)
         echo(f"{folder} ({source} {sae.cfg.arch}, n {sae.cfg.n_latents}): {plan.run_id}, "
              f"nmse {ev.metrics['nmse']:.4g}, l0 {ev.metrics['l0']:.3g}")
