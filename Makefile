@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test quickstart bench clean
+.PHONY: setup test test-fast lint docs quickstart bench clean
 
 setup: $(STAMP)
 
@@ -18,8 +18,20 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt -e '.[test]'
 	touch $(STAMP)
 
+# PYTEST_ARGS: extra pytest options (CI passes --durations)
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# the development lane: everything but the tests that start Ray, gloo process groups or the quickstart
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+# pages generated from the code (a test fails when they are stale)
+docs: setup
+	$(BIN)/python -m orchestrator.reference > docs/sweep-reference.md
 
 # the quickstart sweep end to end: train (resumable; a re-run reuses the cache and finished runs), fit, figures
 quickstart: setup

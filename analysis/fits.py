@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -100,7 +101,7 @@ class Fit:
                 **({"best": json.loads(self.extra["best"].to_json(orient="records"))} if "best" in self.extra else {})}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Fit":
+    def from_dict(cls, d: dict) -> Fit:
         """A fit as `to_dict` wrote it (fits.json), with predict and predict_interval working again."""
         none = float("nan")
         # in the model's order: a JSON writer may have sorted the keys

@@ -3,13 +3,16 @@ the report, so a legend's law and the points under it come from the same runs.
 
 - usable: status ok and a finite, positive metric (`usable`);
 - cell: every setting of a run but its learning rate and seed: the family (arch, and ProLU's gradient), the
-  width, the sparsity setting (k, l1_coeff, target_l0, l0_coeff), the site (model, hook, layer) and any other
-  key the sweep varied (`cell_keys`);
+  width, the sparsity setting (the family's `Architecture.sparsity_keys`: k, l1_coeff, ...), the site (model,
+  hook, layer) and any other key the sweep varied (`cell_keys`);
 - best lr: in each cell, the learning rate with the lowest final nmse averaged over seeds; all its seeds are
   kept (`best_lr`). Gao et al. 2024 (§3.1, Fig. 3) fit L(N) to the loss of each size at its best learning
   rate, from an lr sweep per size; pooling every lr would put a sweep's worst lrs into the exponent;
 - series: the cells of one family, sparsity value and site that differ in width (`series`): one L(N), one
-  lr*(n) and one L(C) each; the joint L(n, k) takes a family's series of every k at one site.
+  lr*(n) and one L(C) each; the joint L(n, k) takes a family's series of every k at one site, for the families
+  whose L0 is set by k (`l0_set_by_k`).
+What a family's sparsity is and whether its L0 is set by k, its class says (sae_core.architectures): a new
+architecture reaches the fits and figures through its own file.
 """
 from __future__ import annotations
 
@@ -19,8 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-# the first of these a family sets is its sparsity key (TopK family, L1 family, JumpReLU)
-SPARSITY_KEYS = ("k", "l1_coeff", "target_l0", "l0_coeff")
+# importing sae_core.architectures (this submodule's package) registers every family
+from sae_core.architectures.base import Architecture, registry
+
+# every registered family's sparsity keys, each family's in its own priority order
+SPARSITY_KEYS = tuple(dict.fromkeys(key for name in sorted(registry()) for key in registry()[name].sparsity_keys))
 SITE_KEYS = ("model", "hook", "layer")
 NOT_CELL = ("lr", "seed")
 _KNOWN = ("family", "n_latents", *SPARSITY_KEYS, *SITE_KEYS)
@@ -33,6 +39,24 @@ def numeric(d: pd.DataFrame, c: str) -> pd.Series:
     if c not in d:
         return pd.Series(np.nan, index=d.index, dtype=float)
     return pd.to_numeric(d[c], errors="coerce").astype(float)
+
+
+def architecture(family: str) -> type[Architecture] | None:
+    """The registered class of a family (`families`: "prolu-ste" is ProLU's); None for an unknown one."""
+    return registry().get(str(family).split("-")[0])
+
+
+def l0_set_by_k(family: str) -> bool:
+    """Whether the family's L0 is set by k (`Architecture.l0_set_by_k`), so that the joint L(n, k) applies."""
+    cls = architecture(family)
+    return cls is not None and cls.l0_set_by_k
+
+
+def family_sparsity_keys(family: str) -> tuple[str, ...]:
+    """The family's sparsity keys in priority order; every family's for one not registered (a sweep of an older
+    version, or tables built by hand), which then takes the first of them its runs set."""
+    cls = architecture(family)
+    return SPARSITY_KEYS if cls is None else cls.sparsity_keys
 
 
 def families(d: pd.DataFrame) -> pd.Series:
@@ -108,7 +132,9 @@ def best_lr(d: pd.DataFrame, y: str = "nmse") -> tuple[pd.DataFrame, dict[str, s
 
 
 def sparsity_key(part: pd.DataFrame) -> str | None:
-    for key in SPARSITY_KEYS:
+    """The first sparsity key of `part`'s family (rows of one family) that its runs set, or None."""
+    fams = part["family"].unique() if "family" in part else [""]
+    for key in dict.fromkeys(k for f in fams for k in family_sparsity_keys(f)):
         if key in part and part[key].notna().any():
             return key
     return None
@@ -156,7 +182,7 @@ def series(d: pd.DataFrame, by_sparsity: bool = True) -> list[Series]:
         if not keys:
             out.append(Series({"arch": fam}, part))
             continue
-        for values, rows in part.groupby(_labels(part, keys), sort=False):
+        for _, rows in part.groupby(_labels(part, keys), sort=False):
             first = rows.iloc[0]
             out.append(Series({"arch": fam, **{k: plain_value(first[k]) for k in keys}}, rows))
     return sorted(out, key=lambda s: (s.family, *[(v is None, v if isinstance(v, (int, float)) else str(v))

@@ -10,8 +10,9 @@ Which runs reach which law (analysis.selection states the rules once):
   series, every lr included (an envelope keeps the best of them by construction), each curve from 10% of its
   run's tokens on (the first steps are a transient of the initialisation, not compute-efficient training).
   Bootstrap unit: the run.
-- L(n, k) (Gao et al. 2024, eq. 3) per TopK-family architecture and site, over its cells of every k, each
-  at its best lr (at least 2 k and 3 n). Bootstrap unit: the (n, k) cell.
+- L(n, k) (Gao et al. 2024, eq. 3) per architecture whose L0 is set by k (`Architecture.l0_set_by_k`: the TopK
+  family) and site, over its cells of every k, each at its best lr (at least 2 k and 3 n). Bootstrap unit: the
+  (n, k) cell.
 - lr*(n) per series with at least 2 learning rates at each of at least 3 widths.
 A law the data do not support is skipped with its reason.
 """
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.fits import Fit, convergence, fit_joint, fit_lofn, fit_loc, fit_lr, fits_table
+from analysis.fits import Fit, convergence, fit_joint, fit_loc, fit_lofn, fit_lr, fits_table
 from analysis.results import load_curves, load_runs
-from analysis.selection import group_label, series, usable
+from analysis.selection import group_label, l0_set_by_k, series, usable
 from orchestrator.store import ResultsStore, write_parquet_atomic
 from sae_core.errors import DataError
 from sae_core.io import write_json_atomic
@@ -96,7 +97,7 @@ def fit_runs(runs: pd.DataFrame, curves: pd.DataFrame | None = None, laws: tuple
                 skipped[f"{TITLES['lr']} {group_label(s.group)}"] = \
                     "needs at least 2 learning rates at each of at least 3 widths"
     if "joint" in laws and "k" in ok:
-        for s in series(ok[ok.k.notna()], by_sparsity=False):
+        for s in series(ok[ok.k.notna() & ok.family.map(l0_set_by_k).astype(bool)], by_sparsity=False):
             if s.rows.k.nunique() >= 2:
                 attempt("joint", s.group, lambda conv, rows=s.rows: fit_joint(rows, converged_only=conv, **boot),
                         s.rows)

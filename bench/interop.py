@@ -15,7 +15,6 @@ Usage: .venv/bin/python bench/interop.py
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ D, N, K, SCALE = 64, 256, 8, 50.0
 
 def _trained_like(arch: str, normalization: str):
     import torch
+
     from sae_core.sae import SAE
 
     cfg = {"arch": arch, "d_in": D, "n_latents": N, "normalization": normalization}
@@ -72,6 +72,7 @@ def _load_peer(fmt: str, folder: Path):
 
 def ours_to_peer(fmt: str, arch: str, normalization: str, tmp: Path, x) -> dict:
     import torch
+
     from sae_core.formats import export
     from sae_core.formats.saelens import layer_norm_scale
 
@@ -112,6 +113,7 @@ def _peer_made(fmt: str, arch: str, norm: str):
 
 def peer_to_ours(fmt: str, arch: str, norm: str, tmp: Path, x) -> dict:
     import torch
+
     from sae_core.sae import SAE
 
     peer = _peer_made(fmt, arch, norm)
@@ -126,8 +128,9 @@ def peer_to_ours(fmt: str, arch: str, norm: str, tmp: Path, x) -> dict:
 
 
 def worker() -> None:
-    import torch
     from importlib.metadata import version
+
+    import torch
 
     torch.manual_seed(0)
     x = torch.randn(512, D, generator=torch.Generator().manual_seed(3)) * SCALE + 3.0

@@ -26,7 +26,8 @@ import yaml
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from orchestrator.scheduler import connect, plan_sweep, run_sweep  # noqa: E402
+from orchestrator.plan import plan_sweep  # noqa: E402
+from orchestrator.scheduler import connect, run_sweep  # noqa: E402
 from orchestrator.worker import train_pack  # noqa: E402
 
 

@@ -199,6 +199,7 @@ def selection_overlap(sae, x, k: int) -> dict:
     """Share of the exact top-k (row, latent) pairs that the bf16 ranking (capacity 2) also picks, and the
     time of each encoder forward."""
     import torch
+
     from sae_core.kernels import EXACT, Selection, topk_encode
 
     arch = sae.net

@@ -16,7 +16,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from orchestrator.scheduler import dry_run, plan_sweep, run_sweep
+    from orchestrator.plan import dry_run, plan_sweep
+    from orchestrator.scheduler import run_sweep
 
     if args.dry_run:
         dry_run(plan_sweep(args.sweep, args.results))

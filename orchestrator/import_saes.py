@@ -3,23 +3,24 @@ results as rows like the sweep's own: `sae-scaling import SWEEP FOLDER...`. They
 the family comparison, `fit` (L(N), never L(C): their training compute is unknown, so tokens and flops are
 empty) and every figure drawn from rows (frontier, nmse vs n, downstream, recovery), next to the sweep's runs.
 
-Each is evaluated exactly as a finished run: held-out nmse, L0, dead fraction, downstream loss by splicing
-(when the sweep has a model and the SAE reads its hook) and progressive recovery. Its run_id is a hash of its
-weights, so importing a folder twice rewrites one row.
+Each is evaluated exactly as a finished run (orchestrator/record.py): held-out nmse, L0, dead fraction,
+downstream loss by splicing (when the sweep has a model and the SAE reads its hook) and progressive recovery.
+Its run_id is a hash of its weights, so importing a folder twice rewrites one row.
 """
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from orchestrator.plan import RunPlan
-from orchestrator.scheduler import plan_sweep
-from orchestrator.worker import SharedStream, ActiveRun, finish_run, splicer_of, now_utc
+from orchestrator.plan import plan_sweep
+from orchestrator.record import EvalInputs, Identity, Outcome, now_utc, record, splicer_of
 from sae_core.errors import DataError
 from sae_core.evaluation.reconstruction import evaluate
 from sae_core.sae import SAE
-from sae_core.trainer import RunResult
+
+# the training settings of an SAE trained elsewhere: unknown, null in its row and its config_json
+NOT_TRAINED_HERE = {"seed": None, "batch_size": None, "train_tokens": None}
 
 
 def _weights_hash(folder: Path) -> str:
@@ -56,18 +57,16 @@ def import_saes(sweep_path: str | Path, folders: list[str | Path], results: str 
     run_ids = []
     for folder, sae, layer in saes:
         source = (sae.meta.get("imported_from") or {}).get("format", "sae-scaling")
-        cfg = sae.cfg.model_dump()
-        plan = RunPlan(run_id=f"import-{_weights_hash(folder)}", arch=sae.cfg.arch, layer=layer,
-                       axes={"arch": sae.cfg.arch, "n_latents": sae.cfg.n_latents, "imported": source},
-                       sae={**cfg, "imported_from": str(folder)},
-                       train={"seed": None, "batch_size": None, "train_tokens": None}, stream="")
-        stream = SharedStream(data.source(layer, seed=spec.data_seed))
+        identity = Identity(f"import-{_weights_hash(folder)}", sae.cfg.arch, layer,
+                            axes={"arch": sae.cfg.arch, "n_latents": sae.cfg.n_latents, "imported": source},
+                            sae={**sae.cfg.model_dump(), "imported_from": str(folder)}, train=NOT_TRAINED_HERE)
         started = now_utc()
-        ev = evaluate(sae, stream.eval_set(), layer_ids=stream.eval_layer_ids())  # per layer if multi-layer
-        result = RunResult(status="ok", error=None, metrics=ev.metrics, curve=[], steps=None, tokens=None,
-                           flops=None, lr=None, wall_seconds=None, device=str(sae.net.W_dec.device), sae=sae)
-        finish_run(spec, data, stream, ActiveRun(plan, None, None, started), result, None, store, layer, splicer)
-        echo(f"{folder} ({source} {sae.cfg.arch}, n {sae.cfg.n_latents}): {plan.run_id}, "
-             f"nmse {ev.metrics['nmse']:.4g}, l0 {ev.metrics['l0']:.3g}")
-        run_ids.append(plan.run_id)
+        inputs = EvalInputs.of(spec, data, data.source(layer, seed=spec.data_seed), layer, splicer)
+        metrics = evaluate(sae, inputs.eval_x, layer_ids=inputs.layer_ids).metrics  # per layer if multi-layer
+        # its weights are those given: no EMA weights swapped in
+        outcome = Outcome("ok", metrics, device=str(sae.net.W_dec.device), ema_used=False)
+        record(spec, store, identity, sae, inputs, outcome, started, data.layers)
+        echo(f"{folder} ({source} {sae.cfg.arch}, n {sae.cfg.n_latents}): {identity.run_id}, "
+             f"nmse {metrics['nmse']:.4g}, l0 {metrics['l0']:.3g}")
+        run_ids.append(identity.run_id)
     return run_ids

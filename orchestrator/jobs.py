@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator.scheduler import plan_sweep
+from orchestrator.plan import plan_sweep
 from sae_core.errors import ConfigError
 
 PACKAGES = ("sae_core", "orchestrator", "analysis")

@@ -11,23 +11,33 @@ changed" from "a new grid point" (pending_reason).
 A pack is a set of runs that read the same activation stream (same data, layer, data order, batch size
 and token budget): one worker trains them in lockstep from one stream, so the model's forward pass and the
 cache reads happen once per batch for the whole pack.
+
+`plan_sweep` does all of it for a sweep file, finding every error before any work or output; `dry_run`
+prints the plan against what the store already holds.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from orchestrator.spec import SPECIAL_AXES, SweepSpec, load_spec, sae_keys, train_keys
+from orchestrator.status import last_line
+from orchestrator.store import DONE, ResultsStore
+from sae_core.activation_data import ActivationData
 from sae_core.architectures import parse_sae_config
 from sae_core.architectures.base import registry
 from sae_core.config import parse_train_config, with_family_defaults
-from sae_core.errors import ConfigError
+from sae_core.errors import ConfigError, DataError, SAEScalingError
 from sae_core.fingerprint import paths_fingerprint
 from sae_core.lm.loading import local_model_fingerprint
 from sae_core.sources.files import expand_paths
+from sae_core.tracking import check_installed
 from sae_core.trainer import layout_problems
-from orchestrator.spec import SPECIAL_AXES, SweepSpec, sae_keys, train_keys
 
 
 @dataclass(frozen=True)
@@ -201,3 +211,91 @@ def pack_runs(runs: list[RunPlan], pack_size: int, memory_bytes: float | None = 
             used += need
         packs.append(pack)
     return packs
+
+
+# --- a sweep planned against its data and its store: what `run` trains and `--dry-run` shows ----------------
+@dataclass
+class Sweep:
+    spec: SweepSpec
+    path: str  # the sweep file, for messages
+    text: str  # the YAML as given
+    data: ActivationData
+    runs: list[RunPlan]
+    store: ResultsStore
+
+
+def plan_sweep(path: str | Path, results: str | Path = "results") -> Sweep:
+    """Everything that can be wrong with the sweep is found here, before any work or output."""
+    spec = load_spec(path)
+    try:
+        check_installed(spec.trackers)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    if spec.cache_root:
+        os.environ["SAE_SCALING_CACHE"] = str(Path(spec.cache_root).expanduser().resolve())
+    try:
+        data = ActivationData(spec.model, spec.hook, spec.data).prepare(build=False)
+    except SAEScalingError as err:
+        raise type(err)(f"{path}: {err}") from None
+    runs = plan_runs(spec, data.d_in, data.run_layers(), source=str(path))
+    return Sweep(spec, str(path), Path(path).read_text(), data, runs, ResultsStore(results, spec.name))
+
+
+def _fmt_flops(x: float) -> str:
+    return f"{x:.2e}"
+
+
+def run_states(sweep: Sweep) -> dict[str, str]:
+    """run_id -> done, failed (with its error), broken (its unreadable files) or pending (and why)."""
+    store, ids = sweep.store, [r.run_id for r in sweep.runs]
+    broken = store.broken(ids)
+    rows = store.rows_of(rid for rid in ids if rid not in broken)
+    try:
+        previous = store.plan()
+    except DataError:  # rewritten by the next run
+        previous = []
+    states = {}
+    for run in sweep.runs:
+        row = rows.get(run.run_id)
+        if run.run_id in broken:
+            states[run.run_id] = "broken: " + ", ".join(str(p.relative_to(store.dir)) for p, _ in broken[run.run_id])
+        elif row is not None and row["status"] in DONE:
+            states[run.run_id] = "done"
+        elif row is not None:
+            states[run.run_id] = f"{row['status']}: " + last_line(row.get("error"))
+        else:
+            states[run.run_id] = "pending: " + pending_reason(run, previous)
+    return states
+
+
+def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:
+    states = run_states(sweep)
+    header = f"{'run_id':16}  {'arch':10} {'layer':>5} {'n_latents':>9} {'k':>5} {'l1_coeff':>9} {'lr':>8} " \
+             f"{'seed':>4} {'tokens':>12} {'est. FLOPs':>10}  state"
+    echo(header)
+    total_flops = todo_flops = 0.0
+    for run in sweep.runs:
+        flops = run.flops()
+        total_flops += flops
+        state = states[run.run_id]
+        todo_flops += 0 if state == "done" else flops
+        layer = "all" if run.layer is None and sweep.spec.data.has_model else ("-" if run.layer is None else run.layer)
+        lr = run.train["lr"]
+        echo(f"{run.run_id:16}  {run.arch:10} {layer!s:>5} {run.n_latents:>9} {run.sae.get('k', '-')!s:>5} "
+             f"{run.sae.get('l1_coeff', '-')!s:>9} {lr if isinstance(lr, str) else f'{lr:.2e}':>8} "
+             f"{run.train['seed']:>4} {run.train['train_tokens']:>12,} {_fmt_flops(flops):>10}  {state}")
+    done = {rid for rid, state in states.items() if state == "done"}
+    shards, replicas = sweep.spec.resources.layout
+    if shards * replicas > 1:
+        units = f"{len(sweep.runs) - len(done)} runs to train, each on {shards} shards x {replicas} replicas"
+    else:
+        packs = pack_runs([r for r in sweep.runs if r.run_id not in done], sweep.spec.pack_size)
+        units = f"{len(packs)} packs to train"
+    echo(f"{len(sweep.runs)} runs ({len(done)} done), {units}; SAE training compute "
+         f"{_fmt_flops(total_flops)} FLOPs in all, {_fmt_flops(todo_flops)} to do (formula: "
+         "docs/scaling-laws.md, Compute accounting)")
+    act = sweep.data.activation_flops()
+    if act is not None:
+        where = ("once, into the cache" if sweep.spec.data.cache
+                 else "per pack: activations are computed on the fly by every pack")
+        echo(f"activation generation: {_fmt_flops(act)} FLOPs {where}")

@@ -1,5 +1,6 @@
-"""Running a sweep: validate, plan, build the activation cache once, then train the packs as Ray tasks
-(or, for runs trained by several processes, one group per run: orchestrator/multiprocess_run.py).
+"""Running a planned sweep on Ray (planning and the dry run: orchestrator/plan.py): build the activation
+cache once, then train the packs as Ray tasks (or, for runs trained by several processes, one group per run:
+orchestrator/multiprocess_run.py).
 
 One plain Ray task per pack (not Tune: ~0.1 s per task against ~2.5 s per trial here, and the results
 are ours to lay out), `max_retries` = the spec's retries so a dead worker or node re-runs the pack from its
@@ -13,111 +14,22 @@ import os
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 from orchestrator.multiprocess_run import process_options, train_group
-from orchestrator.plan import RunPlan, pack_runs, pending_reason, plan_runs
-from orchestrator.spec import SweepSpec, load_spec
-from orchestrator.status import last_line, summary
-from orchestrator.store import DONE, ResultsStore
+from orchestrator.plan import RunPlan, Sweep, pack_runs, plan_sweep
+from orchestrator.spec import SweepSpec
+from orchestrator.status import summary
+from orchestrator.store import DONE
 from orchestrator.worker import now_utc, run_row, train_pack
-from sae_core.activation_data import ActivationData
-from sae_core.errors import ConfigError, DataError, SAEScalingError
+from sae_core.cache_dir import cache_root as default_cache_root
+from sae_core.errors import ConfigError
 from sae_core.evaluation.downstream import null_downstream
-from sae_core.text import cache_root as default_cache_root
-from sae_core.tracking import check_installed
 
 POLL_S = 1.0
-
-
-@dataclass
-class Sweep:
-    spec: SweepSpec
-    path: str  # the sweep file, for messages
-    text: str  # the YAML as given
-    data: ActivationData
-    runs: list[RunPlan]
-    store: ResultsStore
-
-
-def plan_sweep(path: str | Path, results: str | Path = "results") -> Sweep:
-    """Everything that can be wrong with the sweep is found here, before any work or output."""
-    spec = load_spec(path)
-    try:
-        check_installed(spec.trackers)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    if spec.cache_root:
-        os.environ["SAE_SCALING_CACHE"] = str(Path(spec.cache_root).expanduser().resolve())
-    try:
-        data = ActivationData(spec.model, spec.hook, spec.data).prepare(build=False)
-    except SAEScalingError as err:
-        raise type(err)(f"{path}: {err}") from None
-    runs = plan_runs(spec, data.d_in, data.run_layers(), source=str(path))
-    return Sweep(spec, str(path), Path(path).read_text(), data, runs, ResultsStore(results, spec.name))
-
-
-def _fmt_flops(x: float) -> str:
-    return f"{x:.2e}"
-
-
-def run_states(sweep: Sweep) -> dict[str, str]:
-    """run_id -> done, failed (with its error), broken (its unreadable files) or pending (and why)."""
-    store, ids = sweep.store, [r.run_id for r in sweep.runs]
-    broken = store.broken(ids)
-    rows = store.rows_of(rid for rid in ids if rid not in broken)
-    try:
-        previous = store.plan()
-    except DataError:  # rewritten by the next run
-        previous = []
-    states = {}
-    for run in sweep.runs:
-        row = rows.get(run.run_id)
-        if run.run_id in broken:
-            states[run.run_id] = "broken: " + ", ".join(str(p.relative_to(store.dir)) for p, _ in broken[run.run_id])
-        elif row is not None and row["status"] in DONE:
-            states[run.run_id] = "done"
-        elif row is not None:
-            states[run.run_id] = f"{row['status']}: " + last_line(row.get("error"))
-        else:
-            states[run.run_id] = "pending: " + pending_reason(run, previous)
-    return states
-
-
-def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:
-    states = run_states(sweep)
-    header = f"{'run_id':16}  {'arch':10} {'layer':>5} {'n_latents':>9} {'k':>5} {'l1_coeff':>9} {'lr':>8} " \
-             f"{'seed':>4} {'tokens':>12} {'est. FLOPs':>10}  state"
-    echo(header)
-    total_flops = todo_flops = 0.0
-    for run in sweep.runs:
-        flops = run.flops()
-        total_flops += flops
-        state = states[run.run_id]
-        todo_flops += 0 if state == "done" else flops
-        layer = "all" if run.layer is None and sweep.spec.data.has_model else ("-" if run.layer is None else run.layer)
-        lr = run.train["lr"]
-        echo(f"{run.run_id:16}  {run.arch:10} {layer!s:>5} {run.n_latents:>9} {run.sae.get('k', '-')!s:>5} "
-             f"{run.sae.get('l1_coeff', '-')!s:>9} {lr if isinstance(lr, str) else f'{lr:.2e}':>8} "
-             f"{run.train['seed']:>4} {run.train['train_tokens']:>12,} {_fmt_flops(flops):>10}  {state}")
-    done = {rid for rid, state in states.items() if state == "done"}
-    shards, replicas = sweep.spec.resources.layout
-    if shards * replicas > 1:
-        units = f"{len(sweep.runs) - len(done)} runs to train, each on {shards} shards x {replicas} replicas"
-    else:
-        packs = pack_runs([r for r in sweep.runs if r.run_id not in done], sweep.spec.pack_size)
-        units = f"{len(packs)} packs to train"
-    echo(f"{len(sweep.runs)} runs ({len(done)} done), {units}; SAE training compute "
-         f"{_fmt_flops(total_flops)} FLOPs in all, {_fmt_flops(todo_flops)} to do (formula: "
-         "docs/scaling-laws.md, Compute accounting)")
-    act = sweep.data.activation_flops()
-    if act is not None:
-        where = ("once, into the cache" if sweep.spec.data.cache
-                 else "per pack: activations are computed on the fly by every pack")
-        echo(f"activation generation: {_fmt_flops(act)} FLOPs {where}")
 
 
 # --- Ray -------------------------------------------------------------------------------------------------

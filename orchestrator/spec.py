@@ -37,10 +37,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sae_core.activation_data import SYNTHETIC_KEYS, DataConfig, HookConfig
 from sae_core.architectures import architecture_names
 from sae_core.architectures.base import registry
 from sae_core.config import TrainConfig
-from sae_core.activation_data import SYNTHETIC_KEYS, DataConfig, HookConfig
 from sae_core.errors import ConfigError, DataError, format_error_entry, merge_union_errors
 from sae_core.evaluation.run import EvalConfig
 from sae_core.sources.files import expand_paths
@@ -105,18 +105,20 @@ class Resources(BaseModel):
 class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # the folder under the results root
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
-    model: str | None = None
-    hook: HookConfig = HookConfig()
-    data: DataConfig
-    grid: dict[str, list[Any]]
-    zip: list[list[str]] = []
-    sae: dict[str, Any] = {}
-    train: dict[str, Any] = {}
+    model: str | None = None  # hub id (read from the local hub cache), local folder, or `embedded` (MiniLM)
+    hook: HookConfig = HookConfig()  # where in the model the activations are read
+    data: DataConfig  # text, activation files or synthetic vectors; token budgets
+    grid: dict[str, list[Any]]  # axes (lists of values) whose product is the sweep; axes listed below
+    zip: list[list[str]] = []  # groups of axes varied together instead of crossed, e.g. [[n_latents, lr]]
+    sae: dict[str, Any] = {}  # SAE keys for every architecture that takes them (sections `sae` below)
+    train: dict[str, Any] = {}  # trainer keys for every run (section `train`)
+    # per architecture: SAE, trainer, lr, seed, size or train_tokens keys; a list is that architecture's own axis
     overrides: dict[str, dict[str, Any]] = {}
-    eval: EvalConfig = EvalConfig()
+    eval: EvalConfig = EvalConfig()  # held-out evaluation settings
     trackers: TrackersConfig = TrackersConfig()  # W&B / TensorBoard mirrors of the curves (sae_core/tracking.py)
-    resources: Resources = Resources()
+    resources: Resources = Resources()  # Ray resources per training process
     retries: int = Field(2, ge=0)  # re-runs of a pack whose worker or node died (from its checkpoints)
     pack_size: int = Field(8, ge=1)  # runs sharing one activation stream trained together by one worker
     data_seed: int = Field(0, ge=0)  # order of the training vectors, shared by every run

@@ -2,8 +2,8 @@
 holds, read without Ray and without writing (they work on read-only storage)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 

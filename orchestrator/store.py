@@ -22,9 +22,9 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import pyarrow as pa
@@ -147,7 +147,7 @@ class ResultsStore:
         self.sweep = sweep
 
     @classmethod
-    def at(cls, sweep_dir: str | Path) -> "ResultsStore":
+    def at(cls, sweep_dir: str | Path) -> ResultsStore:
         """The store of an existing results folder (results/<sweep>)."""
         path = Path(sweep_dir).expanduser().resolve()
         if not (path / "sweep.yaml").is_file() and not (path / "runs").is_dir():

@@ -10,24 +10,22 @@ of its group (orchestrator/multiprocess_run.py starts them); rank 0 reports prog
 """
 from __future__ import annotations
 
-import functools
-import json
 import os
 import time
 import traceback
 from collections import OrderedDict
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
 import torch
 
-from orchestrator.plan import RunPlan, data_identity
+from orchestrator.plan import RunPlan
+from orchestrator.record import EvalInputs, Identity, Outcome, Splicer, now_utc, record, runs_row, splicer_of
 from orchestrator.spec import SweepSpec, parse_spec
 from orchestrator.store import ResultsStore
 from sae_core.activation_data import ActivationData
 from sae_core.errors import SAEScalingError
-from sae_core.evaluation.run import RunEvaluation, evaluate_run
 from sae_core.evaluation.downstream import null_downstream
 from sae_core.parallel.launch import init_distributed
 from sae_core.parallel.mesh import build_mesh
@@ -92,37 +90,10 @@ def _start(spec: SweepSpec, store: ResultsStore, plan: RunPlan, trainer: Trainer
     return ActiveRun(plan, trainer, steps, now_utc(), trackers=trackers)
 
 
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def run_row(spec: SweepSpec, plan: RunPlan, result: RunResult | None, evaluation: dict, started: datetime,
             error: str | None = None, hooked: list[int] | None = None) -> dict:
-    """The runs-table row of one run (columns in docs/results.md). hooked: the hooked layers resolved
-    (hook.layers `all` made a list by ActivationData.prepare); without it `all` is written as it is."""
-    layers = (hooked or spec.hook.layers) if plan.layer is None else [plan.layer]
-    layers = layers if isinstance(layers, str) else ",".join(map(str, layers))
-    row = {
-        "run_id": plan.run_id, "sweep": spec.name, "status": result.status if result else "failed",
-        "error": (result.error if result else None) or error, "arch": plan.arch, "n_latents": plan.n_latents,
-        "expansion_factor": plan.axes.get("expansion_factor"), "k": plan.sae.get("k"),
-        "lr": result.lr if result else None, "l1_coeff": plan.sae.get("l1_coeff"), "seed": plan.train["seed"],
-        "model": spec.model, "hook": spec.hook.site if spec.data.has_model else None, "layer": plan.layer,
-        "layers": layers if spec.data.has_model else None, "d_in": plan.sae["d_in"],
-        "batch_size": plan.train["batch_size"],
-        "tokens": result.tokens if result else None, "steps": result.steps if result else None,
-        "flops": result.flops if result else None, "wall_seconds": result.wall_seconds if result else None,
-        "device": result.device if result else None, **(result.metrics if result else {}),
-        "ema_used": result.ema_used if result else None, **evaluation,
-        # the input digests the run was identified by (not re-read per run); an imported SAE's plan has
-        # none (no settings), so its row takes them now
-        "config_json": json.dumps({"sae": plan.sae, "train": plan.train, "axes": plan.axes,
-                                   "data": data_identity(spec, plan.inputs if plan.settings else None),
-                                   "eval": spec.eval.model_dump(mode="json")},
-                                  sort_keys=True, default=str),
-        "started_at": started, "finished_at": now_utc(),
-    }
-    return {**row, **{k: v for k, v in plan.axes.items() if k not in row}}  # every swept key is a column
+    """The runs-table row of a planned run (orchestrator/record.py); result None: it failed (`error` says how)."""
+    return runs_row(spec, Identity.of_plan(plan), Outcome.of_training(result, error), evaluation, started, hooked)
 
 
 def _setup(spec_data: dict, results_root: str, cache_root: str | None, threads: int | None):
@@ -142,12 +113,6 @@ def _trainer(spec: SweepSpec, data: ActivationData, stream: SharedStream, store:
         hook = {**hook, "layers": [plan.layer]}
     return Trainer(plan.sae, plan.train, stream, store.sae_dir(plan.run_id),
                    meta={"hook": hook, "run_id": plan.run_id, "sweep": spec.name, "axes": plan.axes}, **kw)
-
-
-def splicer_of(spec: SweepSpec, data: ActivationData):
-    """The model and held-out rows for splicing, loaded once per worker when the first run needs them."""
-    return functools.cache(lambda: data.downstream(spec.eval.batch_tokens, spec.eval.downstream_tokens)
-                           if spec.eval.downstream else (None, "eval.downstream is off"))
 
 
 def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root: str | None = None,
@@ -227,16 +192,16 @@ def train_rank(spec_data: dict, run: dict, results_root: str, cache_root: str | 
 
 
 def finish_run(spec: SweepSpec, data: ActivationData, stream: SharedStream, run: ActiveRun, result: RunResult | None,
-            error: str | None, store: ResultsStore, layer: int | None, splicer) -> str:
-    evaluation = RunEvaluation(null_downstream("run failed" if result is None else f"run {result.status}"))
-    if result is not None and result.status == "ok":
-        downstream, reason = splicer()
-        layers = [] if not spec.data.has_model else ([layer] if layer is not None else data.layers)
-        layer_ids = stream.eval_layer_ids() if layer is None and spec.data.has_model else None
-        evaluation = evaluate_run(result.sae, stream.eval_set(), spec.eval, layers, downstream, reason,
-                                  layer_ids=layer_ids, l0=result.metrics["l0"])
-    row = run_row(spec, run.plan, result, evaluation.metrics, run.started, error, data.layers)
-    store.write_run(row, result.curve if result else [], evaluation.layers, evaluation.recovery)
+               error: str | None, store: ResultsStore, layer: int | None, splicer: Splicer) -> str:
+    """Record a run that ended: evaluated if it trained to the end, its row and curve otherwise."""
+    identity, outcome = Identity.of_plan(run.plan), Outcome.of_training(result, error)
+    if outcome.status == "ok":
+        row = record(spec, store, identity, result.sae, EvalInputs.of(spec, data, stream, layer, splicer), outcome,
+                     run.started, data.layers, result.curve)
+    else:
+        reason = "run failed" if result is None else f"run {result.status}"
+        row = runs_row(spec, identity, outcome, null_downstream(reason), run.started, data.layers)
+        store.write_run(row, result.curve if result else [])
     if run.trackers is not None:
         run.trackers.finish({k: v for k, v in row.items() if k not in ("started_at", "finished_at")})
     return row["status"]

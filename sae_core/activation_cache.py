@@ -20,10 +20,10 @@ import fcntl
 import hashlib
 import json
 import zlib
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -132,7 +132,7 @@ class ActivationCache:
                                   for layer in self.spec.layers for i in range(len(shards)))
 
     def ensure(self, load: Callable[[], LoadedModel], rows: Callable[[LoadedModel], tuple[np.ndarray, np.ndarray]],
-               batch_rows: int = 16, echo: Callable[[str], None] = lambda s: None) -> "ActivationCache":
+               batch_rows: int = 16, echo: Callable[[str], None] = lambda s: None) -> ActivationCache:
         """Build whatever is missing. `rows(lm)` gives the packed token rows and their exclusion mask (True =
         special token or dropped position); the model is loaded only if a shard has to be computed."""
         with _locked(self.dir):

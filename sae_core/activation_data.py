@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sae_core.activation_cache import ActivationCache, CacheSpec
+from sae_core.cache_dir import cache_root as text_cache_root
 from sae_core.errors import ConfigError, DataError
 from sae_core.evaluation.downstream import DownstreamEval
 from sae_core.lm import SITES, ActivationExtractor, LoadedModel, load_model
@@ -27,7 +29,6 @@ from sae_core.sources.files import FileSource
 from sae_core.sources.multilayer import MultiLayerSource
 from sae_core.sources.streaming import StreamingActivations
 from sae_core.sources.synthetic import SyntheticSource
-from sae_core.text import cache_root as text_cache_root
 from sae_core.text.documents import TextSpec
 from sae_core.text.tokens import check_context_length, rows_holding, special_mask, token_rows
 
@@ -38,8 +39,9 @@ Site = Literal[SITES]  # type: ignore[valid-type]
 class HookConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # the residual stream before or after a block (post_ln: after the final LayerNorm), or the MLP's output
     site: Site = "resid_post"
-    layers: list[int] | Literal["all"] = [0]
+    layers: list[int] | Literal["all"] = [0]  # one SAE per layer, unless multi_layer
     multi_layer: bool = False  # one SAE over every hooked layer (Lawson et al.), else one per layer
 
 
@@ -53,11 +55,11 @@ class DataConfig(BaseModel):
     train_tokens: int = Field(ge=1)  # vectors seen per run
     eval_tokens: int = Field(8192, ge=1)  # held out, never trained on
     cache: bool = True  # False: activations computed on the fly by each run
-    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # how the activation cache stores them
     drop_first: int = Field(0, ge=0)  # positions dropped at the start of every row (besides special tokens)
     prepend_bos: bool = False  # causal LMs: start every row with BOS (it is never a training vector)
-    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the model's dtype while extracting
+    device: str = "auto"  # where the model runs while extracting: auto (cuda if available), cpu, cuda:N
     batch_rows: int = Field(16, ge=1)  # token rows per forward pass
     # rows resident for shuffling (cache and activation files): windows of this many rows read from a few
     # contiguous blocks, for data larger than memory; None: a full permutation per epoch. On the fly, the
@@ -122,7 +124,7 @@ class ActivationData:
                          model_fingerprint=local_model_fingerprint(self.model_name))
         return ActivationCache(self.cache_root, spec)
 
-    def prepare(self, echo: Callable[[str], None] = lambda s: None, build: bool = True) -> "ActivationData":
+    def prepare(self, echo: Callable[[str], None] = lambda s: None, build: bool = True) -> ActivationData:
         """Validate everything, then build the cache if one is used (and `build`). Cheap when the cache exists."""
         if self.data.activations is not None:
             self.d_in = FileSource(self.data.activations, n_eval=self.data.eval_tokens).d_in

@@ -52,12 +52,12 @@ class TrainConfig(BaseModel):
     train_tokens: int = Field(ge=1)  # activation vectors seen (one per token and layer)
     batch_size: int = Field(4096, ge=1)  # Gao et al.: 131072 (recipe gao2024)
     lr: float | Literal["auto"] = "auto"  # auto = 2e-4 / sqrt(n_latents / 2^14)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_eps: float = Field(6.25e-10, gt=0, **Finite)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)  # Adam's first-moment decay
+    adam_beta2: float = Field(0.999, ge=0, lt=1)  # Adam's second-moment decay
+    adam_eps: float = Field(6.25e-10, gt=0, **Finite)  # Adam's epsilon
     lr_warmup_frac: float = Field(0.0, ge=0, le=1)  # linear warm-up over this fraction of steps
     lr_decay_frac: float = Field(0.0, ge=0, le=1)  # linear decay to 0 over the last fraction
-    b_pre_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    b_pre_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"  # b_pre from the init sample
     init_samples: int = Field(32768, ge=1)  # vectors for b_pre and the MSE normalisation constant
     tied_init: bool = True  # W_enc = W_dec^T at init
     # fit: W_enc scaled by the least-squares factor of the initial reconstruction on the init sample (kept
@@ -66,8 +66,8 @@ class TrainConfig(BaseModel):
     decoder_unit_norm: bool = True  # unit-norm decoder rows + parallel-gradient removal every step
     dead_window_tokens: int = Field(10_000_000, ge=1)  # a latent is dead after this many tokens unfired
     ema_decay: float | None = Field(None, gt=0, lt=1)  # None: no weight EMA; Gao et al.: 0.999 (recipe gao2024)
-    grad_clip: float | None = Field(None, gt=0, **Finite)
-    autocast: Literal["none", "bf16", "fp16"] = "none"
+    grad_clip: float | None = Field(None, gt=0, **Finite)  # max gradient norm; None: no clipping
+    autocast: Literal["none", "bf16", "fp16"] = "none"  # mixed precision of the forward (fp16 with loss scaling)
     # TopK family: rank the encoder's pre-activations in bf16 and recompute the winners' values exactly
     # (sae_core/kernels/topk_select.py); auto = bf16 where the hardware has native bf16 matmul
     topk_select: Literal["auto", "exact", "bf16"] = "auto"
@@ -77,9 +77,9 @@ class TrainConfig(BaseModel):
     shard_capacity: float = Field(2.0, ge=1, **Finite)
     device: str = "auto"  # auto: cuda if available, else cpu
     seed: int = 0
-    curve_points_per_decade: int = Field(5, ge=1)
+    curve_points_per_decade: int = Field(5, ge=1)  # training-curve points per decade of tokens
     curve_eval_tokens: int = Field(4096, ge=1)  # held-out vectors evaluated at each curve point
-    eval_batch_size: int = Field(4096, ge=1)
+    eval_batch_size: int = Field(4096, ge=1)  # held-out vectors per evaluation batch
     checkpoint_every_tokens: int | None = Field(None, ge=1)  # None: 10 checkpoints per run
     resample_dead: int | None = Field(None, ge=0)  # times to resample dead latents; None: the family's default
 

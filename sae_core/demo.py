@@ -15,7 +15,8 @@ from sae_core.trainer import Trainer
 
 def run_demo(d_in: int = 128, n_features: int = 1024, active: float = 8.0, noise: float = 0.01,
              n_latents: int = 2048, k: int = 8, tokens: int = 5_000_000, batch_size: int = 4096,
-             seed: int = 0, echo=partial(print, flush=True)) -> dict:
+             seed: int = 0, echo=None) -> dict:
+    echo = echo or partial(print, flush=True)
     source = SyntheticSource(d_in=d_in, n_features=n_features, active_per_vector=active, noise_std=noise,
                              seed=seed, n_eval=8192)
     sae_cfg = {"arch": "topk", "d_in": d_in, "n_latents": n_latents, "k": k, "normalization": "none"}

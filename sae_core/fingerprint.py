@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 WHOLE_FILE_BYTES = 32 * 2**20
 SAMPLE_BLOCKS = 64

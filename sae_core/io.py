@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from pathlib import Path
+from collections.abc import Callable
 from functools import cache
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file

@@ -4,7 +4,7 @@ needs: every rank agrees on whether the step is finite (a shard that skipped whi
 leave the SAE inconsistent), and the scale lives in the trainer's checkpoint, so a resumed run keeps it."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -10,7 +10,7 @@ names (step, exp_avg, exp_avg_sq), which resampling and checkpoints read.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.optim.adam import adam

@@ -18,16 +18,16 @@ from sae_core.errors import ConfigError
 class WandbConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    project: str = "sae-scaling"
-    entity: str | None = None
+    project: str = "sae-scaling"  # the W&B project
+    entity: str | None = None  # the W&B team or user; None: the logged-in user's default
     mode: Literal["online", "offline"] = "offline"  # offline: logs under the sweep folder, `wandb sync` later
 
 
 class TrackersConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    wandb: WandbConfig | None = None
-    tensorboard: bool = False
+    wandb: WandbConfig | None = None  # mirror each run's curve and final row to Weights & Biases
+    tensorboard: bool = False  # write TensorBoard scalars under <results>/<sweep>/tensorboard/<run_id>/
 
     @property
     def any(self) -> bool:

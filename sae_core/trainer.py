@@ -19,28 +19,34 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generator, Iterator
 
 import torch
 
 from sae_core.architectures import LossOutput, SAEConfig, StepContext, parse_sae_config
 from sae_core.architectures.base import input_rms, registry
-from sae_core.checkpoint import (TrainerState, UnreadableCheckpoint, has_checkpoint, load_checkpoint,
-                                 move_aside, save_checkpoint)
+from sae_core.checkpoint import (
+    TrainerState,
+    UnreadableCheckpoint,
+    has_checkpoint,
+    load_checkpoint,
+    move_aside,
+    save_checkpoint,
+)
 from sae_core.config import TrainConfig, parse_train_config, with_family_defaults
 from sae_core.errors import ConfigError, DataError
+from sae_core.evaluation.reconstruction import Evaluation, evaluate
 from sae_core.geometric_median import geometric_median
 from sae_core.kernels import resolve_selection
-from sae_core.evaluation.reconstruction import Evaluation, evaluate, save_latent_stats
 from sae_core.loss_scale import INITIAL_SCALE, unscale_and_update
 from sae_core.normalization import normalize
 from sae_core.optim import Adam, clip_grad_norm, row_sparse_parts
 from sae_core.parallel.mesh import TRIVIAL, Mesh
-from sae_core.sae import LATENT_STATS_FILE, SAE
+from sae_core.sae import SAE
+from sae_core.sae_files import LATENT_STATS_FILE, save_latent_stats
 from sae_core.sources.base import ActivationSource
-
 
 FIT_SAMPLES = 2048  # init-sample vectors the encoder scale is fitted on: one scalar needs few
 
@@ -228,7 +234,7 @@ class Trainer:
         return raw, False
 
     # --- the loop ----------------------------------------------------------------------------
-    def start(self) -> "TrainingSession":
+    def start(self) -> TrainingSession:
         """Build the SAE and optimizer, from out_dir's checkpoint if there is one, else from data."""
         cfg, device = self.cfg, self.device
         torch.manual_seed(cfg.seed)

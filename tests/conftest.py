@@ -15,6 +15,16 @@ import torch
 
 torch.set_num_threads(2)
 
+# what makes a test slow: a Ray cluster, gloo process groups, the quickstart sweep (`make test-fast` skips them)
+SLOW_FIXTURES = {"ray_local", "_ray_local_session", "cluster"}
+SLOW_MODULES = {"test_quickstart", "test_sharded", "test_sharded_sweep", "test_orchestration_cluster"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 TINY_TEXT = [
     "Sparse autoencoders decompose activations into features. " * 3,
     "The residual stream carries information between layers of a transformer.",

@@ -6,6 +6,7 @@ import torch
 
 import sae_core.activation_cache as ac
 from sae_core.activation_cache import ActivationCache, CacheSpec
+from sae_core.errors import DataError
 from sae_core.lm import ActivationExtractor, load_model
 
 CTX = 16
@@ -85,7 +86,9 @@ def test_interrupted_build_resumes_and_truncated_shard_is_rebuilt(tmp_path, tiny
     rows, excluded = make_rows(lm.tokenizer)
     cache = ActivationCache(tmp_path, spec())
 
-    def stop_after_two(msg, seen=[]):
+    seen = []
+
+    def stop_after_two(msg):
         seen.append(msg)
         if len(seen) == 2:
             raise KeyboardInterrupt  # the process dies mid-build
@@ -103,7 +106,7 @@ def test_interrupted_build_resumes_and_truncated_shard_is_rebuilt(tmp_path, tiny
     victim = cache.shard_path("train", 2, 1)
     victim.write_bytes(victim.read_bytes()[:-40])  # truncated: size no longer matches its sidecar
     assert not cache.is_complete()
-    with pytest.raises(Exception):
+    with pytest.raises(DataError, match="incomplete"):
         cache.layer_source(2)  # never read
     rebuilt = []
     cache.ensure(lambda: lm, lambda _: (rows, excluded), echo=rebuilt.append)

@@ -9,7 +9,6 @@ import json
 from dataclasses import asdict
 
 import numpy as np
-import yaml
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,6 +16,7 @@ import pytest
 import safetensors.numpy
 import safetensors.torch
 import torch
+import yaml
 
 from orchestrator.cli import main
 from orchestrator.plan import plan_runs
@@ -217,7 +217,7 @@ def test_garbage_config_and_truncated_weights_are_named_by_load_and_export(tmp_p
     for name, damage in cases.items():
         folder = saved_sae(tmp_path / name)
         damage(folder / name)
-        for call in (lambda: SAE.load(folder), lambda: export(folder, "saelens", tmp_path / "out")):
+        for call in (lambda f=folder: SAE.load(f), lambda f=folder: export(f, "saelens", tmp_path / "out")):
             msg = error_of(call)
             assert str(folder / name) in msg and "re-train the run" in msg
         assert main(["export", str(folder), "--format", "sparsify", str(tmp_path / "out")]) == 2

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TEXT
 
 from sae_core import SAE
 from sae_core.activation_data import ActivationData, DataConfig, HookConfig
@@ -13,8 +14,6 @@ from sae_core.evaluation.reconstruction import evaluate
 from sae_core.evaluation.run import EvalConfig, evaluate_run
 from sae_core.lm import ActivationExtractor, load_model
 from sae_core.text.tokens import pack_tokens, special_mask
-
-from conftest import TINY_TEXT
 
 SITES = ["resid_pre", "resid_post", "resid_post_ln", "mlp_out"]
 

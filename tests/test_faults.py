@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import RAY_LOCAL_OPTIONS
+from test_orchestration import BATCH, sweep, write_sweep
+
 from orchestrator.cli import main
 from orchestrator.jobs import _submit_job, stage
 from orchestrator.store import ResultsStore
 from sae_core.errors import ConfigError
-from test_orchestration import BATCH, sweep, write_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = {"arch": ["topk"], "n_latents": [32], "k": [4, 8]}

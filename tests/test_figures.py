@@ -1,4 +1,4 @@
-"""Figures (analysis/figures.py): each draws the series its data hold, skips with a reason when they lack what it
+"""Figures (analysis/figures/): each draws the series its data hold, skips with a reason when they lack what it
 needs, and render_all writes PNG + PDF from a sweep's store and leaves no figure open."""
 import matplotlib
 
@@ -10,7 +10,11 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from analysis import figures as F  # noqa: E402
+from analysis import selection  # noqa: E402
 from analysis.figures import SkipFigure  # noqa: E402
+from analysis.figures.data import pareto  # noqa: E402
+from analysis.figures.style import paper_figure  # noqa: E402
+from analysis.sweep_fits import fit_runs  # noqa: E402
 from orchestrator.store import RUN_SCHEMA, ResultsStore  # noqa: E402
 from sae_core.sae import SAE  # noqa: E402
 
@@ -189,7 +193,7 @@ def test_frontier_one_envelope_per_arch_at_one_width(data):
 
 
 def test_pareto_drops_dominated_points():
-    x, y = F._pareto(np.array([1, 2, 3, 4, 5.0]), np.array([0.5, 0.6, 0.4, 0.45, 0.1]))
+    x, y = pareto(np.array([1, 2, 3, 4, 5.0]), np.array([0.5, 0.6, 0.4, 0.45, 0.1]))
     assert x.tolist() == [1, 3, 5] and y.tolist() == [0.5, 0.4, 0.1]
 
 
@@ -263,7 +267,7 @@ def test_recovery_keeps_at_most_six_runs_the_widest_of_each_series(data):
 
 
 def test_a_figure_that_fails_midway_closes_what_it_opened():
-    @F._figure
+    @paper_figure
     def broken():
         plt.subplots()
         raise SkipFigure("half drawn")
@@ -294,6 +298,25 @@ def test_layers_one_series_per_run(data):
     series = lines(nmse_ax, "series")
     assert [s.get_label() for s in series] == ["n=1024", "n=4096"]
     assert series[0].get_xdata().tolist() == [0, 1, 2, 3]
+
+
+def test_a_new_architecture_reaches_fits_and_figures_through_its_class(data, monkeypatch):
+    """Families the analysis has no list of: their sparsity key and whether k sets their L0 come from the
+    class alone (Architecture.sparsity_keys, l0_set_by_k)."""
+    known = selection.registry()
+    monkeypatch.setattr(selection, "registry", lambda: {
+        **known, "newfam": type("NewFamily", (), {"sparsity_keys": ("lam",), "l0_set_by_k": False}),
+        "newk": type("NewK", (), {"sparsity_keys": ("k",), "l0_set_by_k": True})})
+    runs = single_site(data[0])
+    relu, topk = runs[runs.arch == "relu"], runs[runs.arch == "topk"]
+    runs = pd.concat([runs, relu.assign(arch="newfam", lam=relu.l1_coeff, l1_coeff=None, run_id="n" + relu.run_id),
+                      topk.assign(arch="newk", run_id="k" + topk.run_id)])
+    series = [s.get_label() for s in lines(F.fig_nmse_vs_n(runs).axes[0], "series")]
+    assert series[2:4] == ["newk k=8", "newk k=16"] and series[-1] == "newfam (best over lam)"
+    fits, skipped = fit_runs(runs, n_boot=0)
+    assert "L(n,k) arch=newk" in fits and not any(name.startswith("L(n,k) arch=newfam") for name in fits)
+    assert {name for name in skipped if "newfam" in name} == {f"L(N) arch=newfam, lam={v}" for v in L1S}
+    assert any(t.startswith("newk L(n,k): ") for t in legend_texts(F.fig_lofn(runs).axes[0]))
 
 
 # ---------------------------------------------------------------- skips

@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import build_tokenizer
 
 import sae_core.fingerprint as fp
 from orchestrator.plan import RunPlan, data_identity, pending_reason, plan_runs
 from orchestrator.spec import parse_spec
-from sae_core.config import TrainConfig
 from sae_core.activation_data import ActivationData, DataConfig, HookConfig
+from sae_core.config import TrainConfig
 from sae_core.lm.loading import local_model_fingerprint
 from sae_core.text.documents import TextSpec
-from conftest import build_tokenizer
 
 D_IN = 16
 GRID = {"arch": ["topk", "relu"], "n_latents": [32, 64], "k": [4], "l1_coeff": [0.01]}

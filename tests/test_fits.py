@@ -5,8 +5,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.fits import (PUBLISHED_JOINT, Fit, _joint_model, convergence, fit_joint, fit_lofn, fit_loc, fit_lr,
-                           fits_table, loc_frontier)
+from analysis.fits import (
+    PUBLISHED_JOINT,
+    Fit,
+    _joint_model,
+    convergence,
+    fit_joint,
+    fit_loc,
+    fit_lofn,
+    fit_lr,
+    fits_table,
+    loc_frontier,
+)
 from sae_core.errors import DataError
 
 TRUE = np.array(list(PUBLISHED_JOINT.values()))  # Gao et al. eq. 3
@@ -22,7 +32,8 @@ def joint_runs(seed, noise=0.01):
                          "k": pd.array(k.astype(int), dtype="Int64"), "nmse": y, "status": "ok"})
 
 
-def lofn_runs(c=0.1, a=3.0, b=-0.3, seeds=2, noise=0.01, seed=0, ns=2 ** np.arange(10, 19)):
+def lofn_runs(c=0.1, a=3.0, b=-0.3, seeds=2, noise=0.01, seed=0, ns=None):
+    ns = 2 ** np.arange(10, 19) if ns is None else ns
     rng = np.random.default_rng(seed)
     n = np.repeat(ns, seeds).astype(float)
     y = (c + a * n ** b) * np.exp(noise * rng.standard_normal(n.size))

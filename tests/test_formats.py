@@ -29,7 +29,7 @@ def trained_like(arch: str, normalization: str, seed: int = 0) -> SAE:
                                                   "context_length": 64}})
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in sae.net.named_parameters():
+        for p in sae.net.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
         rows = sae.net.W_dec
         rows.div_(rows.norm(dim=1, keepdim=True))
@@ -197,6 +197,19 @@ def test_unexportable_saes_and_runs_are_refused_with_the_reason(tmp_path, capsys
     assert (tmp_path / "d" / "sae_weights.safetensors").is_file()
 
 
+def test_a_folder_whose_tensors_do_not_fit_its_config_is_not_exported(tmp_path):
+    """export checks the tensors against their config as SAE.load does, so a peer folder is never written
+    with a config its weights contradict."""
+    trained_like("topk", "none").save(tmp_path / "run")
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    cfg["sae"]["n_latents"] = N + 1
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
+    for fmt in ("saelens", "sparsify"):
+        with pytest.raises(DataError, match="sae.safetensors: its tensors do not fit the SAE its config describes"):
+            export(tmp_path / "run", fmt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_folders_no_format_can_read_are_refused_with_the_reason(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no SAE here; expected .*SAELens v6.*sparsify"):
@@ -263,8 +276,9 @@ def test_peer_saes_imported_into_a_sweep_get_rows_figures_and_fits(tmp_path, cap
     """`sae-scaling import`: SAEs in peers' folders evaluated on the sweep's held-out data, with rows like the
     sweep's own (same nmse as our SAE before export), in the results table, figures and report."""
     import yaml
+
     from analysis.results import load_runs
-    from orchestrator.scheduler import plan_sweep
+    from orchestrator.plan import plan_sweep
     from sae_core.evaluation.reconstruction import evaluate
 
     spec = {"name": "imp", "data": {"synthetic": {"d_in": D, "n_features": 64, "active_per_vector": 4},

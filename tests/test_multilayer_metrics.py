@@ -18,7 +18,6 @@ from sae_core.sources.base import ActivationSource
 from sae_core.sources.multilayer import MultiLayerSource
 from sae_core.trainer import Trainer
 
-
 D = 8
 
 

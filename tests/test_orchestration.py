@@ -17,14 +17,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import TINY_TEXT
 
 from analysis.results import load_curves, load_recovery, load_runs
-from orchestrator.scheduler import _check_reachable, plan_sweep, run_sweep
+from orchestrator.plan import plan_sweep
+from orchestrator.scheduler import _check_reachable, run_sweep
 from orchestrator.worker import train_pack
 from sae_core.checkpoint import MANIFEST
 from sae_core.errors import ConfigError
-
-from conftest import TINY_TEXT
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 512

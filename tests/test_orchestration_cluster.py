@@ -7,10 +7,19 @@ first (`ray_local` starts a new one for any later test that needs it) and its ow
 from __future__ import annotations
 
 import pytest
-
-from test_orchestration import (BATCH, SweepThread, assert_each_run_once_and_ok, checkpoint_tokens,
-                                first_progress_from_another_process, planned_ids, read_progress, sweep,
-                                wait_gone, wait_mid_run, write_sweep)
+from test_orchestration import (
+    BATCH,
+    SweepThread,
+    assert_each_run_once_and_ok,
+    checkpoint_tokens,
+    first_progress_from_another_process,
+    planned_ids,
+    read_progress,
+    sweep,
+    wait_gone,
+    wait_mid_run,
+    write_sweep,
+)
 
 FAST_HEALTH_CHECK = {"health_check_period_ms": 500, "health_check_failure_threshold": 2,
                      "health_check_timeout_ms": 500}  # a dead node is noticed in ~1 s instead of ~15 s

@@ -1,14 +1,13 @@
 """The quickstart end to end on fewer tokens: the same sweep file and code path as `make quickstart`
 (embedded MiniLM, embedded corpus, activation cache, Ray, fit, figures, report)."""
 import json
+from pathlib import Path
 
 import yaml
 
 from analysis import load_curves, load_recovery, load_runs
 from orchestrator.cli import main
 from orchestrator.scheduler import run_sweep
-
-from pathlib import Path
 
 QUICKSTART = Path(__file__).parent.parent / "sweeps" / "quickstart.yaml"
 

@@ -5,16 +5,23 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-import yaml
+from test_orchestration import (
+    BATCH,
+    SweepThread,
+    assert_each_run_once_and_ok,
+    checkpoint_tokens,
+    first_progress_from_another_process,
+    kill_worker,
+    planned_ids,
+    sweep,
+    wait_mid_run,
+    write_sweep,
+)
 
 from analysis.results import load_curves, load_runs
-from orchestrator.scheduler import plan_sweep
+from orchestrator.plan import plan_sweep
 from sae_core.errors import ConfigError
 from sae_core.sae import SAE
-from test_orchestration import (BATCH, SweepThread, assert_each_run_once_and_ok, checkpoint_tokens,
-                                first_progress_from_another_process, kill_worker, planned_ids, sweep, wait_mid_run,
-                                write_sweep)
 
 GRID = {"arch": ["topk"], "n_latents": [64], "k": [4]}
 COMPARED = ["nmse", "mse", "l0", "l1", "dead_frac", "dead_frac_eval", "tokens", "steps", "flops"]

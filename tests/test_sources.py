@@ -9,7 +9,6 @@ import torch
 from sae_core.errors import ConfigError, DataError
 from sae_core.sources import ActivationSource, FileSource, SyntheticSource, mmcs
 
-
 # ---------------------------------------------------------------- synthetic
 
 def test_synthetic_batches_are_pure_functions_of_step():

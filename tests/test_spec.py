@@ -14,8 +14,7 @@ import yaml
 
 import orchestrator.scheduler as scheduler
 from orchestrator.cli import main
-from orchestrator.plan import RunPlan, data_identity, pack_runs, plan_runs
-from orchestrator.scheduler import plan_sweep
+from orchestrator.plan import RunPlan, data_identity, pack_runs, plan_runs, plan_sweep
 from orchestrator.spec import json_schema, parse_spec
 from sae_core import SAE
 from sae_core.architectures import StepContext, architecture_names

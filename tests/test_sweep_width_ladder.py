@@ -4,7 +4,7 @@ from dataclasses import asdict
 import yaml
 
 from analysis.width_ladder import ladder_table
-from orchestrator.scheduler import plan_sweep
+from orchestrator.plan import plan_sweep
 from orchestrator.worker import train_pack
 
 

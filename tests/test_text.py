@@ -12,10 +12,18 @@ import pytest
 
 from sae_core.errors import ConfigError, DataError
 from sae_core.text import (
-    TextSpec, cache_root, check_context_length, embedded_documents, iter_documents, pack_tokens,
-    parse_text_spec, special_mask, token_rows,
+    TextSpec,
+    cache_root,
+    check_context_length,
+    embedded,
+    embedded_documents,
+    iter_documents,
+    pack_tokens,
+    parse_text_spec,
+    special_mask,
+    token_rows,
+    tokens,
 )
-from sae_core.text import embedded, tokens
 
 EOS = "<|endoftext|>"
 DOCS = [

@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from sae_core import Trainer, optim
-from sae_core.kernels import EXACT, Selection, resolve_selection, topk_encode
-from sae_core.kernels import topk_select
+from sae_core.kernels import EXACT, Selection, resolve_selection, topk_encode, topk_select
 from sae_core.kernels.topk_select import select_topk
 from sae_core.sources.synthetic import SyntheticSource
 

@@ -8,8 +8,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from orchestrator.plan import plan_runs
-from orchestrator.scheduler import plan_sweep
+from orchestrator.plan import plan_runs, plan_sweep
 from orchestrator.spec import parse_spec
 from orchestrator.worker import train_pack
 from sae_core.errors import ConfigError

@@ -265,8 +265,7 @@ def test_recovers_ground_truth_features():
 
 
 def test_latent_statistics_are_saved_with_the_sae_and_match_a_dense_reference(tmp_path):
-    from sae_core.evaluation.reconstruction import load_latent_stats
-    from sae_core.sae import LATENT_STATS_FILE
+    from sae_core.sae_files import LATENT_STATS_FILE, load_latent_stats
 
     r = Trainer(topk_cfg(), train_cfg(), SMALL, tmp_path).run()
     stats = load_latent_stats(tmp_path / LATENT_STATS_FILE)

@@ -9,10 +9,10 @@ directions. Every other parameter is indexed by latent along its first dimension
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar, Iterator, Literal
-
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -98,15 +98,15 @@ def dense_flops(d_in: int, n_latents: int, batch: int, matmuls: int = 2) -> floa
 
 INIT_BLOCK = 4096  # latents per initialisation block (one generator each)
 
-_REGISTRY: dict[str, type["Architecture"]] = {}
+_REGISTRY: dict[str, type[Architecture]] = {}
 
 
-def register(cls: type["Architecture"]) -> type["Architecture"]:
+def register(cls: type[Architecture]) -> type[Architecture]:
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def registry() -> dict[str, type["Architecture"]]:
+def registry() -> dict[str, type[Architecture]]:
     return dict(_REGISTRY)
 
 
@@ -119,6 +119,12 @@ class Architecture(nn.Module):
     default_resamples: ClassVar[int] = 0
     # Whether the latents can be split over shards (a sharded selection exists for the family's activation).
     shardable: ClassVar[bool] = False
+    # The Config keys that set the family's sparsity, in priority order: a run's sparsity setting is the first
+    # of them its config sets. Analysis splits a sweep into series (one L(N) each) by it (analysis.selection).
+    sparsity_keys: ClassVar[tuple[str, ...]] = ()
+    # Whether the config's k sets L0 (the TopK family): Gao et al. 2024's joint law L(n, k) (eq. 3) is fitted
+    # only to these families' runs, over their k column.
+    l0_set_by_k: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig, mesh: Mesh = TRIVIAL):
         """mesh: which latents this process holds (all of them in a single process); per-latent parameters

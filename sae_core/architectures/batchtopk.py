@@ -22,7 +22,8 @@ on with it. Before any training batch has set it, the per-vector TopK(k) is used
 from __future__ import annotations
 
 import itertools
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 from pydantic import Field

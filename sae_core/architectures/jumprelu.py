@@ -72,12 +72,13 @@ _DEFAULT_L0_COEFF = {"l0": 2e-3, "target_l0": 10.0}
 
 class JumpReLUConfig(SAEConfig):
     arch: Literal["jumprelu"] = "jumprelu"
+    # l0: the paper's L0 penalty (eq. 10); target_l0: a quadratic pull towards target_l0 instead
     sparsity: Literal["l0", "target_l0"] = "l0"
     l0_coeff: float | None = Field(None, ge=0, allow_inf_nan=False)  # None: the mode's default (docstring)
-    target_l0: float | None = Field(None, gt=0, allow_inf_nan=False, validate_default=True)
+    target_l0: float | None = Field(None, gt=0, allow_inf_nan=False, validate_default=True)  # sparsity: target_l0
     # ε for inputs of unit mean squared norm (the paper's units); training uses bandwidth * input_rms
     bandwidth: float = Field(1e-3, gt=0, allow_inf_nan=False)
-    threshold_init: float = Field(1e-3, ge=0, allow_inf_nan=False)
+    threshold_init: float = Field(1e-3, ge=0, allow_inf_nan=False)  # every latent's threshold θ at init
 
     @field_validator("target_l0")
     @classmethod
@@ -148,6 +149,8 @@ class JumpReLU(Architecture):
     Config = JumpReLUConfig
     train_defaults = {"adam_beta1": 0.0}
     default_resamples = 0
+    # target_l0 first: set only in its own mode, where it is what the sweep chose (l0_coeff then only scales it)
+    sparsity_keys = ("target_l0", "l0_coeff")
 
     def __init__(self, cfg: JumpReLUConfig, mesh: Mesh = TRIVIAL):
         super().__init__(cfg, mesh)

@@ -17,8 +17,6 @@ the optimum and the training path are the paper's).
   input_rms = sqrt(E||x||^2) of the normalised inputs (StepContext): 1 for unit_norm, the paper's inputs,
               so lambda is exactly theirs; sqrt(d_in) for standardize and the measured value for none,
               which keeps lambda in the paper's units whatever the input scale (latents scale with x).
-Until this version the penalty was l1_coeff * sqrt(mse_scale) * mean_b sum_i |z_bi| w_i: an old l1_coeff c
-is lambda = c / (input_rms * sqrt(mse_scale)), i.e. c * sqrt(1 - ||E x||^2) on unit-norm inputs.
 A.6's normalisation constant leaves one reading open: if the paper divided only the MSE term by its
 constant, its lambda is ours times mse_scale (~1 / (1 - ||E x||^2) on unit-norm inputs).
 """
@@ -34,7 +32,7 @@ class L1Config(SAEConfig):
     # the paper's lambda (eq. 1, docstring); default: mid-range of Gao et al.'s ReLU grid (§B.2, 1.7e-3..1.7e-2)
     l1_coeff: float = Field(5e-3, ge=0, allow_inf_nan=False)
     l1_warmup_frac: float = Field(0.05, ge=0, le=1)  # Conerly et al. 2024 warm up over 5% of training
-    l1_decoder_norm: bool = False
+    l1_decoder_norm: bool = False  # weight |z_i| by ||W_dec,i|| with an unconstrained decoder (Conerly et al.)
 
 
 def l1_penalty(z: torch.Tensor, W_dec: torch.Tensor, cfg: L1Config, ctx: StepContext) -> torch.Tensor:
@@ -50,6 +48,7 @@ class L1Family(Architecture):
     appendix B.2), and the unit-norm decoder constraint is dropped when the penalty carries the norms."""
 
     default_resamples = 4
+    sparsity_keys = ("l1_coeff",)
 
     @property
     def constrain_decoder(self) -> bool:

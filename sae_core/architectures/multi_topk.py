@@ -18,8 +18,8 @@ from sae_core.parallel.sharded_topk import keep_global_topk
 
 class MultiTopKConfig(TopKConfig):
     arch: Literal["multi_topk"] = "multi_topk"  # type: ignore[assignment]
-    multi_k_factor: int = Field(4, ge=2, validate_default=True)
-    multi_coeff: float = Field(1 / 8, ge=0, allow_inf_nan=False)
+    multi_k_factor: int = Field(4, ge=2, validate_default=True)  # the second loss term's k is this times k
+    multi_coeff: float = Field(1 / 8, ge=0, allow_inf_nan=False)  # its weight: the paper's L(k) + L(4k)/8
 
     @field_validator("multi_k_factor")
     @classmethod

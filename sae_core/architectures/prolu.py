@@ -37,7 +37,7 @@ ProLUGradient = Literal["ste", "relu"]
 
 class ProLUConfig(L1Config):
     arch: Literal["prolu"] = "prolu"
-    gradient: ProLUGradient = "ste"
+    gradient: ProLUGradient = "ste"  # the synthetic gradient: straight-through (ste) or ReLU's (Gao et al.)
 
 
 class ProLUFunction(torch.autograd.Function):

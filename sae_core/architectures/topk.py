@@ -32,7 +32,13 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from sae_core.architectures.base import (
-    Architecture, LossOutput, SAEConfig, SparseCode, StepContext, fvu_loss, register,
+    Architecture,
+    LossOutput,
+    SAEConfig,
+    SparseCode,
+    StepContext,
+    fvu_loss,
+    register,
 )
 from sae_core.kernels import EXACT, Selection, sparse_decode, topk_encode
 from sae_core.parallel.mesh import TRIVIAL, Mesh
@@ -48,12 +54,12 @@ def _k_at_most_n(value: int | None, info: ValidationInfo) -> int | None:
 
 class TopKConfig(SAEConfig):
     arch: Literal["topk"] = "topk"
-    k: int = Field(32, ge=1)
+    k: int = Field(32, ge=1)  # active latents per vector
     k_aux: int | None = Field(None, ge=1)  # None: the power of two nearest d_in / 2 (paper B.1)
-    aux_coeff: float = Field(1 / 32, ge=0, allow_inf_nan=False)
+    aux_coeff: float = Field(1 / 32, ge=0, allow_inf_nan=False)  # weight of the AuxK dead-latent loss (paper B.1)
     # batch: the reference code's per-batch normaliser; token: the paper's (§A.6) per-token one (docstring)
     aux_normalization: Literal["batch", "token"] = "batch"
-    use_b_enc: bool = True
+    use_b_enc: bool = True  # an encoder bias before the top-k
 
     _check_k = field_validator("k", "k_aux")(_k_at_most_n)
 
@@ -73,6 +79,8 @@ class TopK(Architecture):
     name = "topk"
     Config = TopKConfig
     shardable = True
+    sparsity_keys = ("k",)
+    l0_set_by_k = True  # BatchTopK and Multi-TopK too: k latents per row (on average over BatchTopK's batch)
 
     def __init__(self, cfg: TopKConfig, mesh: Mesh = TRIVIAL):
         super().__init__(cfg, mesh)

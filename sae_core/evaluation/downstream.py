@@ -18,8 +18,8 @@ Zero ablation splices zeros in the site's space, mean ablation the site's mean o
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

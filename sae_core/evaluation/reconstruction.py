@@ -16,15 +16,12 @@ per layer make l0 and l1 the mean over layers too). Without layer_ids there are 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import torch
-from safetensors.torch import load_file
 
 from sae_core.architectures import Code, SparseCode
-from sae_core.io import save_safetensors_atomic
 from sae_core.normalization import TokenStats
 from sae_core.sae import SAE
 
@@ -96,13 +93,3 @@ def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096,
         metrics["nmse"] = float(layer_nmse.mean())
         metrics["mse"] = float((layer_err.cpu() / (layer_n * d)).mean())
     return Evaluation(metrics, (counts / N).float().cpu(), (sums / counts.clamp_min(1)).float().cpu())
-
-
-def save_latent_stats(ev: Evaluation, path: str | Path) -> None:
-    save_safetensors_atomic({"frequency": ev.frequency, "mean_activation": ev.mean_activation}, Path(path))
-
-
-def load_latent_stats(path: str | Path) -> dict[str, torch.Tensor]:
-    """Per-latent held-out statistics saved with an SAE: `frequency` (for density histograms; log10 of it is
-    SAELens's `sparsity`) and `mean_activation` (when active)."""
-    return load_file(str(path))

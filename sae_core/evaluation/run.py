@@ -12,8 +12,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from sae_core.evaluation import recovery
-from sae_core.evaluation.downstream import (DownstreamEval, constant, downstream_row, null_downstream,
-                                            reconstruction, zeros)
+from sae_core.evaluation.downstream import (
+    DownstreamEval,
+    constant,
+    downstream_row,
+    null_downstream,
+    reconstruction,
+    zeros,
+)
 from sae_core.evaluation.reconstruction import evaluate
 from sae_core.sae import SAE
 
@@ -27,7 +33,8 @@ class EvalConfig(BaseModel):
     downstream_tokens: int | None = Field(None, ge=1)  # held-out tokens spliced; None: all of data.eval_tokens
     batch_tokens: int = Field(4096, ge=1)  # tokens per forward pass (the logits of a batch must fit in memory)
     recovery: bool = True  # progressive-recovery table (test-time TopK(k') and JumpReLU(θ))
-    recovery_k: list[PositiveInt] | Literal["auto"] = "auto"
+    recovery_k: list[PositiveInt] | Literal["auto"] = "auto"  # test-time k' values; auto: powers of 2 up to 4k, and k
+    # test-time JumpReLU thresholds θ; auto: the mean k'-th largest pre-activation, one per k'
     recovery_thresholds: list[float] | Literal["auto"] = "auto"
     recovery_downstream: bool = True  # also splice every recovery point (one forward per point and batch)
 

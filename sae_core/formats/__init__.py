@@ -1,29 +1,41 @@
-"""Peer toolkits' on-disk SAE formats: ours exported to them, theirs read as ours (`SAE.load` detects which
-a folder holds), so the field's tools load what is trained here and this toolkit's evaluations, family
-comparison and figures run on SAEs trained elsewhere. Each module is one format: `matches`, `load`, `export`.
+"""Peer toolkits' on-disk SAE formats: ours exported to them, theirs read as ours (`SAE.load` reads any folder
+through `read`), so the field's tools load what is trained here and this toolkit's evaluations, family
+comparison and figures run on SAEs trained elsewhere. Each module is one format: `matches` (does a folder
+hold it), `read` (a folder to SAEContents in our names), `write` (an SAE's config, tensors and metadata to
+a folder). Formats deal in contents, never in SAE objects: sae_core.sae builds those and imports this.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
+from sae_core.architectures import build_architecture
 from sae_core.errors import DataError
 from sae_core.formats import saelens, sparsify
+from sae_core.sae_files import CONFIG_FILE, LATENT_STATS_FILE, WEIGHTS_FILE, SAEContents, load_state, read_folder
 
 FORMATS = {"saelens": saelens, "sparsify": sparsify}
 
 
-def load_foreign(path: Path, device: str = "cpu"):
-    """The SAE in a peer's folder as ours; None if the folder holds none of the peers' formats."""
-    for module in FORMATS.values():
-        if module.matches(path):
-            return module.load(path).to(device)
-    return None
+def detect(path: Path) -> ModuleType | None:
+    """The peer format a folder holds; None if none."""
+    return next((module for module in FORMATS.values() if module.matches(path)), None)
+
+
+def read(path: Path) -> SAEContents:
+    """The SAE in a folder of ours or a peer's."""
+    if (path / CONFIG_FILE).is_file():
+        return read_folder(path)
+    peer = detect(path) if path.is_dir() else None
+    if peer is None:
+        raise DataError(f"{path}: no SAE here; expected this toolkit's folder ({CONFIG_FILE} + {WEIGHTS_FILE}), "
+                        "a SAELens v6 folder (cfg.json + sae_weights.safetensors) or a sparsify folder "
+                        "(cfg.json + sae.safetensors)")
+    return peer.read(path)
 
 
 def export(run_dir: str | Path, fmt: str, out: str | Path) -> Path:
     """A finished run's SAE in a peer's format under `out`."""
-    from sae_core.sae import CONFIG_FILE, WEIGHTS_FILE, SAE
-
     if fmt not in FORMATS:
         raise DataError(f"export --format: {fmt!r} is not a format; allowed: {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
@@ -35,8 +47,11 @@ def export(run_dir: str | Path, fmt: str, out: str | Path) -> Path:
                else "no SAE here")
         raise DataError(f"{run_dir}: {why}; export needs {WEIGHTS_FILE} and {CONFIG_FILE}, which a run writes when "
                         "it ends ok")
-    sae = SAE.load(run_dir)  # its errors name the broken file, inside run_dir
+    contents = read(run_dir)  # its errors name the broken file, inside run_dir
+    net = build_architecture(contents.config)  # the tensors checked against their config, as SAE.load does
+    load_state(net, contents)
     try:
-        return FORMATS[fmt].export(sae, Path(out), run_dir)
+        return FORMATS[fmt].write(contents.config, net.state_dict(), contents.meta, Path(out),
+                                  run_dir / LATENT_STATS_FILE)
     except DataError as err:
         raise DataError(f"{run_dir}: {err}") from None

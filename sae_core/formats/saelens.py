@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
+from sae_core.architectures import SAEConfig, parse_sae_config
 from sae_core.errors import DataError
 from sae_core.io import save_safetensors_atomic, write_json_atomic
-from sae_core.sae import LATENT_STATS_FILE, RETRAIN, SAE, config_int, load_state, read_json, read_tensors
+from sae_core.sae_files import SAEContents, config_int, load_latent_stats, read_json, read_tensors
 
 CONFIG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 VERSION = "6.0.0"
@@ -78,24 +79,24 @@ def _unit_decoder(arch: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return sd
 
 
-def _sparsity(stats: Path) -> torch.Tensor | None:
+def _sparsity(latent_stats: Path | None) -> torch.Tensor | None:
     """SAELens's log10 feature density, from the latent stats the trainer saved beside the weights (if any)."""
-    if not stats.is_file():
+    if latent_stats is None or not latent_stats.is_file():
         return None
-    freq = read_tensors(stats, RETRAIN, ("frequency",))["frequency"]
-    return freq.clamp_min(1e-10).log10()
+    return load_latent_stats(latent_stats)["frequency"].clamp_min(1e-10).log10()
 
 
 def matches(path: Path) -> bool:
     return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
-def export(sae, out: Path, source: Path | None = None) -> Path:
-    cfg = sae.cfg
+def write(cfg: SAEConfig, tensors: dict[str, torch.Tensor], meta: dict, out: Path,
+          latent_stats: Path | None = None) -> Path:
+    """latent_stats: the trainer's per-latent statistics file, written as SAELens's sparsity if it exists."""
     if cfg.arch not in _TO_SAELENS:
         raise DataError(f"export --format saelens: arch {cfg.arch!r} has no SAELens counterpart; "
                         f"exportable: {', '.join(_TO_SAELENS)}")
-    sd = {k: v.detach().double().cpu() for k, v in sae.net.state_dict().items()}
+    sd = {k: v.detach().double().cpu() for k, v in tensors.items()}
     if cfg.arch == "batchtopk":
         if float(sd["threshold"]) < 0:
             raise DataError("export --format saelens: this BatchTopK SAE has no inference threshold yet "
@@ -103,14 +104,14 @@ def export(sae, out: Path, source: Path | None = None) -> Path:
         sd["threshold"] = sd["threshold"].expand(cfg.n_latents).clone()
     sd = _unit_decoder(cfg.arch, sd)
     s = layer_norm_scale(cfg.normalization, cfg.d_in)
-    tensors = {"W_enc": sd["W_enc"].T, "W_dec": sd["W_dec"], "b_dec": sd["b_pre"] / s}
+    theirs = {"W_enc": sd["W_enc"].T, "W_dec": sd["W_dec"], "b_dec": sd["b_pre"] / s}
     if cfg.arch == "gated":
-        tensors.update(b_gate=sd["b_gate"] / s, b_mag=sd["b_mag"] / s, r_mag=sd["r_mag"])
+        theirs.update(b_gate=sd["b_gate"] / s, b_mag=sd["b_mag"] / s, r_mag=sd["r_mag"])
     else:
-        tensors["b_enc"] = (sd["b_enc"] if "b_enc" in sd else torch.zeros(cfg.n_latents, dtype=torch.float64)) / s
+        theirs["b_enc"] = (sd["b_enc"] if "b_enc" in sd else torch.zeros(cfg.n_latents, dtype=torch.float64)) / s
     if "threshold" in sd:
-        tensors["threshold"] = sd["threshold"] / s
-    hook = sae.meta.get("hook") or {}
+        theirs["threshold"] = sd["threshold"] / s
+    hook = meta.get("hook") or {}
     layer = (hook.get("layers") or [None])[0]
     site = hook.get("site")
     config = {
@@ -122,12 +123,12 @@ def export(sae, out: Path, source: Path | None = None) -> Path:
                      "model_name": hook.get("model"),
                      "hook_name": _TL_HOOKS[site].format(L=layer) if site in _TL_HOOKS and layer is not None else None,
                      "hook_head_index": None, "context_size": hook.get("context_length"), "prepend_bos": False},
-        "sae_scaling": {"sae": cfg.model_dump(), **{k: v for k, v in sae.meta.items() if k in ("hook", "run_id")}},
+        "sae_scaling": {"sae": cfg.model_dump(), **{k: v for k, v in meta.items() if k in ("hook", "run_id")}},
     }
     if _TO_SAELENS[cfg.arch] == "topk":
         config.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
-    sparsity = _sparsity(source / LATENT_STATS_FILE) if source is not None else None  # read before writing
-    save_safetensors_atomic({k: v.float() for k, v in tensors.items()}, out / WEIGHTS)
+    sparsity = _sparsity(latent_stats)  # read before writing
+    save_safetensors_atomic({k: v.float() for k, v in theirs.items()}, out / WEIGHTS)
     if sparsity is not None:
         save_safetensors_atomic({"sparsity": sparsity}, out / SPARSITY)
     write_json_atomic(out / CONFIG, config)  # last: a folder with cfg.json is complete
@@ -180,7 +181,7 @@ def _our_normalization(cfg: dict) -> str | None:
     return sae.get("normalization") if isinstance(sae, dict) else None
 
 
-def load(path: Path):
+def read(path: Path) -> SAEContents:
     where = path / CONFIG
     cfg = read_json(where, REEXPORT)
     meta = _metadata(cfg, where)
@@ -209,9 +210,9 @@ def load(path: Path):
     else:  # a peer's SAE keeps its latents: the factor s goes into the weights
         state.update(W_enc=W.T / s, W_dec=w["W_dec"] * s)
     site, layers = _site(meta.get("hook_name"))
-    sae = SAE({"arch": ours, "d_in": d, "n_latents": n, "normalization": normalization, **topk}, init_seed=None, meta={
-        "hook": {"model": meta.get("model_name"), "site": site, "layers": layers,
-                 "context_length": meta.get("context_size")} if site else None,
-        "imported_from": {"format": "saelens", "path": str(path), "hook_name": meta.get("hook_name")}})
-    load_state(sae, {k: v.float() for k, v in state.items()}, path / WEIGHTS, REEXPORT)
-    return sae
+    config = parse_sae_config({"arch": ours, "d_in": d, "n_latents": n, "normalization": normalization, **topk},
+                              source=str(where))
+    our_meta = {"hook": {"model": meta.get("model_name"), "site": site, "layers": layers,
+                         "context_length": meta.get("context_size")} if site else None,
+                "imported_from": {"format": "saelens", "path": str(path), "hook_name": meta.get("hook_name")}}
+    return SAEContents(config, {k: v.float() for k, v in state.items()}, our_meta, path / WEIGHTS, REEXPORT)

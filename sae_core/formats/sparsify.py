@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from sae_core.architectures import SAEConfig, parse_sae_config
 from sae_core.errors import DataError
 from sae_core.io import save_safetensors_atomic, write_json_atomic
-from sae_core.sae import SAE, config_int, load_state, read_json, read_tensors
+from sae_core.sae_files import SAEContents, config_int, read_json, read_tensors
 
 CONFIG, WEIGHTS = "cfg.json", "sae.safetensors"
 REEXPORT = "re-export the SAE (sae-scaling export, or sparsify's save_to_disk)"
@@ -27,8 +28,9 @@ def matches(path: Path) -> bool:
     return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
-def export(sae, out: Path, source: Path | None = None) -> Path:
-    cfg = sae.cfg
+def write(cfg: SAEConfig, tensors: dict[str, torch.Tensor], meta: dict, out: Path,
+          latent_stats: Path | None = None) -> Path:
+    """meta and latent_stats: sparsify's folders have no place for them."""
     if cfg.arch not in ("topk", "multi_topk"):
         raise DataError(f"export --format sparsify: sparsify holds TopK SAEs only; this one is {cfg.arch!r} "
                         "(use --format saelens)")
@@ -36,22 +38,22 @@ def export(sae, out: Path, source: Path | None = None) -> Path:
         raise DataError(f"export --format sparsify: sparsify encodes raw activations, but this SAE was trained on "
                         f"normalization {cfg.normalization!r} inputs; use --format saelens (layer_norm), or train "
                         "with sae: {normalization: none}")
-    sd = {k: v.detach().float().cpu() for k, v in sae.net.state_dict().items()}
+    sd = {k: v.detach().float().cpu() for k, v in tensors.items()}
     norms = sd["W_dec"].norm(dim=1)
     if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
         raise DataError("export --format sparsify: the decoder rows are not unit-norm; TopK ranks latents by value, "
                         "so their norms cannot be folded into the encoder; train with decoder_unit_norm: true")
-    tensors = {"encoder.weight": sd["W_enc"], "encoder.bias": sd.get("b_enc", torch.zeros(cfg.n_latents)),
-               "W_dec": sd["W_dec"], "b_dec": sd["b_pre"]}
+    theirs = {"encoder.weight": sd["W_enc"], "encoder.bias": sd.get("b_enc", torch.zeros(cfg.n_latents)),
+              "W_dec": sd["W_dec"], "b_dec": sd["b_pre"]}
     config = {"activation": "topk", "expansion_factor": cfg.n_latents / cfg.d_in, "normalize_decoder": True,
               "num_latents": cfg.n_latents, "k": cfg.k, "multi_topk": cfg.arch == "multi_topk",
               "skip_connection": False, "transcode": False, "d_in": cfg.d_in}
-    save_safetensors_atomic(tensors, out / WEIGHTS)
+    save_safetensors_atomic(theirs, out / WEIGHTS)
     write_json_atomic(out / CONFIG, config)  # last: a folder with cfg.json is complete
     return out
 
 
-def load(path: Path):
+def read(path: Path) -> SAEContents:
     where = path / CONFIG
     cfg = read_json(where, REEXPORT)
     w = read_tensors(path / WEIGHTS, REEXPORT, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"))
@@ -68,9 +70,8 @@ def load(path: Path):
                         f"[num_latents, d_in]; {REEXPORT}")
     n, d = w["encoder.weight"].shape
     multi = bool(cfg.get("multi_topk")) and 4 * k <= n
-    sae = SAE({"arch": "multi_topk" if multi else "topk", "d_in": d, "n_latents": n, "k": k,
-               "normalization": "none"}, init_seed=None,
-              meta={"imported_from": {"format": "sparsify", "path": str(path)}})
-    load_state(sae, {"b_pre": w["b_dec"], "W_enc": w["encoder.weight"], "b_enc": w["encoder.bias"],
-                     "W_dec": w["W_dec"]}, path / WEIGHTS, REEXPORT)
-    return sae.float()
+    config = parse_sae_config({"arch": "multi_topk" if multi else "topk", "d_in": d, "n_latents": n, "k": k,
+                               "normalization": "none"}, source=str(where))
+    tensors = {"b_pre": w["b_dec"], "W_enc": w["encoder.weight"], "b_enc": w["encoder.bias"], "W_dec": w["W_dec"]}
+    return SAEContents(config, tensors, {"imported_from": {"format": "sparsify", "path": str(path)}},
+                       path / WEIGHTS, REEXPORT)

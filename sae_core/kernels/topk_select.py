@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ class Selection:
 EXACT = Selection()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cpu_has_native_bf16() -> bool:
     try:
         flags = open("/proc/cpuinfo").read()

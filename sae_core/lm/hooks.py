@@ -15,7 +15,7 @@ hooked module has run (early exit), so hooking layer 2 of a 24-layer model costs
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -2,21 +2,10 @@
 into fixed-length token rows (Gao et al.; Lawson et al. appendix A) and cached under `cache_root()`."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-
-def cache_root() -> Path:
-    """$SAE_SCALING_CACHE if set, else ~/.cache/sae-scaling."""
-    env = os.environ.get("SAE_SCALING_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "sae-scaling"
-
-
-from sae_core.text.documents import TextSpec, iter_documents, parse_text_spec  # noqa: E402  (they use cache_root)
-from sae_core.text.embedded import embedded_corpus_path, embedded_documents  # noqa: E402
-from sae_core.text.tokens import (  # noqa: E402
-    check_context_length, pack_tokens, special_mask, token_rows,
-)
+from sae_core.cache_dir import cache_root
+from sae_core.text.documents import TextSpec, iter_documents, parse_text_spec
+from sae_core.text.embedded import embedded_corpus_path, embedded_documents
+from sae_core.text.tokens import check_context_length, pack_tokens, special_mask, token_rows
 
 __all__ = [
     "TextSpec", "cache_root", "check_context_length", "embedded_corpus_path", "embedded_documents",

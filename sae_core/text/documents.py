@@ -15,15 +15,15 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from sae_core.errors import DataError, validate
 from sae_core import fingerprint
+from sae_core.errors import DataError, validate
 from sae_core.text.embedded import embedded_corpus_key, embedded_documents
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -35,13 +35,13 @@ _DATASET_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 class TextSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    files: str | list[str] | None = None
-    dataset: str | None = None
-    embedded: bool = False
-    field: str = "text"
-    split: str = "train"
-    streaming: bool = True
-    config: str | None = None
+    files: str | list[str] | None = None  # .txt (one document each), .jsonl (one per line) or .parquet; globs
+    dataset: str | None = None  # a Hugging Face `datasets` name (from the local cache) or a local folder or file
+    embedded: bool = False  # the docstrings of the installed Python packages: no download
+    field: str = "text"  # the text column of .jsonl, .parquet or a dataset
+    split: str = "train"  # the dataset's split
+    streaming: bool = True  # read the dataset without materialising it
+    config: str | None = None  # the dataset's configuration name
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -32,12 +32,12 @@ import json
 import multiprocessing
 import os
 import sysconfig
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
 
+from sae_core.cache_dir import cache_root
 from sae_core.io import write_text_atomic
-from sae_core.text import cache_root
 
 MIN_CHARS = 20
 SKIP_DIRS = ("__pycache__", "dist-packages", "site-packages", "test", "tests")

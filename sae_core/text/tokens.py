@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
+from sae_core.cache_dir import cache_root
 from sae_core.errors import ConfigError, DataError
 from sae_core.io import write_atomic
-from sae_core.text import cache_root
 from sae_core.text.documents import TextSpec, iter_documents, parse_text_spec
 
 _BATCH_DOCS = 1024  # documents per tokenizer call: the fast tokenizer parallelises within a call
