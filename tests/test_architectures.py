@@ -100,5 +100,7 @@ def test_one_training_step_has_a_finite_loss_and_moves_the_weights(name):
     before = {k: p.detach().clone() for k, p in net.named_parameters()}
     out = session.step(SRC.train_batch(0, BATCH))
     assert out is not None and torch.isfinite(out.loss) and out.flops > 0
+    # the step counts what the planner charges (compute accounting: RunPlan.flops, the L(C) axis)
+    assert out.flops / BATCH == pytest.approx(registry()[name].flops_per_vector(session.sae.cfg))
     for k in ("W_enc", "W_dec"):
         assert not torch.equal(dict(net.named_parameters())[k], before[k]), k
