@@ -108,13 +108,17 @@ def config_int(cfg: dict, key: str, path: Path, fix: str) -> int:
 class LatentStats(Protocol):  # sae_core.evaluation.reconstruction.Evaluation is one
     frequency: torch.Tensor  # [n_latents]: fraction of held-out vectors on which each latent is active
     mean_activation: torch.Tensor  # [n_latents]: mean value when active
+    mean_sq_activation: torch.Tensor  # [n_latents]: E[z_i^2] over all vectors (Gao et al. 2024, App. E.4)
 
 
 def save_latent_stats(stats: LatentStats, path: str | Path) -> None:
-    save_safetensors_atomic({"frequency": stats.frequency, "mean_activation": stats.mean_activation}, Path(path))
+    save_safetensors_atomic({"frequency": stats.frequency, "mean_activation": stats.mean_activation,
+                             "mean_sq_activation": stats.mean_sq_activation}, Path(path))
 
 
 def load_latent_stats(path: str | Path) -> dict[str, torch.Tensor]:
     """Per-latent held-out statistics saved with an SAE: `frequency` (for density histograms; log10 of it is
-    SAELens's `sparsity`) and `mean_activation` (when active)."""
+    SAELens's `sparsity`), `mean_activation` (when active) and `mean_sq_activation` (E[z_i^2], Gao et al.
+    2024's importance, App. E.4), which a file written before it was recorded lacks: what the file holds is
+    returned."""
     return read_tensors(Path(path), RETRAIN, ("frequency", "mean_activation"))

@@ -358,6 +358,46 @@ def test_family_skips_without_saes(tmp_path, data):
         F.fig_width_ladder(tmp_path, data[0][data[0].n_latents == 256])
 
 
+def _write_latent_stats(saes_dir, run_id, n, importance=True, seed=0):
+    """A hand-written latent_stats file: log-normal densities (Gao et al. App. E.4), 3 latents that never fire."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sae_core.sae_files import LATENT_STATS_FILE
+    g = torch.Generator().manual_seed(seed)
+    freq = (10 ** (-2 + 0.5 * torch.randn(n, generator=g))).clamp(max=1.0)
+    freq[:3] = 0.0
+    tensors = {"frequency": freq, "mean_activation": torch.rand(n, generator=g) * (freq > 0)}
+    if importance:
+        tensors["mean_sq_activation"] = freq * tensors["mean_activation"] ** 2
+    (saes_dir / run_id).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, saes_dir / run_id / LATENT_STATS_FILE)
+
+
+def test_latent_density_one_histogram_per_topk_run_at_the_most_common_k(tmp_path, data):
+    runs = data[0]
+    saes = tmp_path / "saes"
+    for n in (256, 1024):  # k=8 has the most runs (its lr sweep); the runs at best lr are the grid's
+        _write_latent_stats(saes, f"topk_k8_n{n}", n, importance=n == 1024, seed=n)
+    _write_latent_stats(saes, "topk_k16_n512", 512)  # another k: not shown
+    _write_latent_stats(saes, "topk_k8_n256_lr0.003", 256)  # a worse lr: not shown
+    fig = F.fig_latent_density(tmp_path, runs)
+    density, importance = fig.axes[:2]
+    hists = [[p for p in ax.patches if p.get_gid() == "hist"] for ax in (density, importance)]
+    assert len(hists[0]) == 2 and len(hists[1]) == 1  # the older file of n=256 has no E[z²]
+    assert legend_texts(density) == ["n=256 (3 never fire)", "n=1024 (3 never fire)"]
+    assert hists[0][0].get_edgecolor() != hists[0][1].get_edgecolor()  # colored by width
+    assert "k=8" in fig._suptitle.get_text() and "log10 latent density" in density.get_xlabel()
+
+
+def test_latent_density_skips_without_latent_stats(tmp_path, data):
+    with pytest.raises(SkipFigure, match="no TopK run at k=8 has latent_stats.safetensors"):
+        F.fig_latent_density(tmp_path, data[0])
+    with pytest.raises(SkipFigure, match="no ok TopK run"):
+        F.fig_latent_density(tmp_path, data[0][data[0].arch == "relu"])
+    assert plt.get_fignums() == []
+
+
 # ---------------------------------------------------------------- render_all on a real store
 
 def test_render_all_writes_supported_figures_and_lists_skips(tmp_path):
@@ -390,6 +430,7 @@ def test_render_all_writes_supported_figures_and_lists_skips(tmp_path):
     assert skipped["downstream"] == "downstream_loss is null for every run: activations from a file"
     assert "learning rates" in skipped["lr"] and "per-layer" in skipped["layers"]
     assert "L0" in skipped["frontier"]
+    assert "latent_stats" in skipped["latent_density"]  # SAE.save alone writes no latent stats
     assert all(reason for reason in skipped.values())
     assert not list(out.glob(".*tmp"))  # no temporary file left
     assert plt.get_fignums() == []

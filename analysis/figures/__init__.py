@@ -7,7 +7,7 @@ matplotlib Figure, or raises SkipFigure with a one-line reason when the data do 
 
 The modules: style (look, colors, axes, labels, saving), data (which rows and laws a figure draws), and the
 figures by what they show: scaling_laws, comparisons (of architecture families), training (curves, dead
-latents, layers), ladders (width ladders).
+latents, layers), ladders (width ladders), latents (per-latent density and importance).
 
 Conventions shared by every figure:
 - runs with status "ok" only (curves: every run that has a runs row);
@@ -39,6 +39,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from analysis.figures.comparisons import fig_downstream, fig_frontier, fig_recovery  # noqa: E402
 from analysis.figures.data import Fits, SkipFigure  # noqa: E402
 from analysis.figures.ladders import fig_width_ladder  # noqa: E402
+from analysis.figures.latents import fig_latent_density  # noqa: E402
 from analysis.figures.scaling_laws import fig_loc, fig_lofn, fig_lr, fig_nmse_vs_n  # noqa: E402
 from analysis.figures.style import ARCH_COLORS, STYLE, save_figure  # noqa: E402
 from analysis.figures.training import fig_curves, fig_dead, fig_layers  # noqa: E402
@@ -48,7 +49,7 @@ from sae_core.errors import DataError  # noqa: E402
 
 __all__ = ["SkipFigure", "STYLE", "ARCH_COLORS", "FIGURES", "render_all", "save_figure", "fig_loc", "fig_lofn",
            "fig_frontier", "fig_nmse_vs_n", "fig_lr", "fig_downstream", "fig_dead", "fig_recovery", "fig_curves",
-           "fig_layers", "fig_width_ladder"]
+           "fig_layers", "fig_width_ladder", "fig_latent_density"]
 
 FIGURES: dict[str, Callable[..., Figure]] = {
     "loc": fig_loc,
@@ -62,6 +63,7 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "curves": fig_curves,
     "layers": fig_layers,
     "width_ladder": fig_width_ladder,
+    "latent_density": fig_latent_density,
 }
 
 
