@@ -132,5 +132,5 @@ def record(spec: SweepSpec, store: ResultsStore, identity: Identity, sae: SAE, i
     evaluation = evaluate_run(sae, inputs.eval_x, spec.eval, inputs.layers, downstream, reason,
                               layer_ids=inputs.layer_ids, l0=outcome.metrics["l0"])
     row = runs_row(spec, identity, outcome, evaluation.metrics, started, hooked)
-    store.write_run(row, curve, evaluation.layers, evaluation.recovery)
+    store.write_run(row, curve, evaluation.tables)
     return row

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from safetensors import safe_open
 
 from sae_core.errors import DataError
+from sae_core.evaluation.run import RUN_TABLES
 from sae_core.io import write_atomic, write_json_atomic, write_text_atomic
 
 DONE = ("ok", "diverged")
@@ -55,7 +56,9 @@ RUN_SCHEMA = {
     "downstream_tokens": pa.int64(), "downstream_null_reason": pa.string(),
     "config_json": pa.string(), "started_at": pa.timestamp("us", tz="UTC"), "finished_at": pa.timestamp("us", tz="UTC"),
 }
-TABLES = ("runs", "curves", "layers", "recovery")
+# per-run tables besides runs/: the training curve, and every table the evaluation returns
+# (sae_core.evaluation.run.RUN_TABLES), each <table>/<run_id>.parquet
+TABLES = ("runs", "curves", *RUN_TABLES)
 # Integer columns with nulls stay integers (pandas Int64)
 _PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
 
@@ -281,10 +284,11 @@ class ResultsStore:
         """Those of run_ids whose row says ok or diverged."""
         return {rid for rid, row in self.rows_of(run_ids).items() if row["status"] in DONE}
 
-    def write_run(self, row: dict, curve: list[dict] = (), layers: list[dict] = (), recovery: list[dict] = ()) -> None:
-        """The run's tables first, its row last: a row on disk means everything else is there too."""
+    def write_run(self, row: dict, curve: list[dict] = (), tables: dict[str, list[dict]] | None = None) -> None:
+        """The run's tables first (its curve, and the evaluation's: table name -> rows), its row last: a row on
+        disk means everything else is there too."""
         rid = row["run_id"]
-        for table, rows in (("curves", curve), ("layers", layers), ("recovery", recovery)):
+        for table, rows in {"curves": curve, **(tables or {})}.items():
             if rows:
                 write_parquet_atomic(self.path(table, rid), [{"run_id": rid, **r} for r in rows])
         write_parquet_atomic(self.path("runs", rid), [row], RUN_SCHEMA)

@@ -39,11 +39,22 @@ class EvalConfig(BaseModel):
     recovery_downstream: bool = True  # also splice every recovery point (one forward per point and batch)
 
 
+# the per-run tables an evaluation may return, each written as results/<sweep>/<table>/<run_id>.parquet
+RUN_TABLES = ("layers", "recovery")
+
+
 @dataclass
 class RunEvaluation:
-    metrics: dict  # downstream columns of the runs table
-    layers: list[dict] = field(default_factory=list)  # multi-layer SAEs: one row per layer
-    recovery: list[dict] = field(default_factory=list)  # one row per grid point
+    metrics: dict  # columns of the runs table (downstream loss, ...)
+    tables: dict[str, list[dict]] = field(default_factory=dict)  # RUN_TABLES name -> rows
+
+    @property
+    def layers(self) -> list[dict]:  # multi-layer SAEs: one row per layer
+        return self.tables.get("layers", [])
+
+    @property
+    def recovery(self) -> list[dict]:  # progressive recovery: one row per grid point
+        return self.tables.get("recovery", [])
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -116,4 +127,4 @@ def evaluate_run(sae: SAE, eval_x: torch.Tensor, cfg: EvalConfig, layers: list[i
             if clean_ce is not None:
                 row["downstream_kl"] = math.fsum(p.kl for p in points) / len(points)
         table.append(row)
-    return RunEvaluation(metrics, per_layer, table)
+    return RunEvaluation(metrics, {"layers": per_layer, "recovery": table})
