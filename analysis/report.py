@@ -14,9 +14,11 @@ from sae_core.io import write_text_atomic
 
 RUN_COLUMNS = ["run_id", "arch", "layer", "n_latents", "k", "l1_coeff", "lr", "seed", "status", "nmse", "l0",
                "dead_frac", "downstream_metric", "downstream_loss", "ce_loss_score", "tokens", "flops", "wall_seconds"]
-_STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+# a page no wider than the window: wide tables and the grid scroll inside their own box
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+.scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
-th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;font-size:12px}img{max-width:100%}
+th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;font-size:12px;overflow-x:auto}img{max-width:100%}
 figure{margin:1.5em 0}figcaption{font-size:13px;color:#555}"""
 
 
@@ -31,14 +33,18 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, all_runs:
              f"<h1>Sweep {esc(sweep_dir.name)}</h1>",
              f"<p>{len(runs)} runs: " + ", ".join(f"{n} {esc(str(s))}" for s, n in runs.status.value_counts().items())
              + "</p>", "<h2>Grid</h2>", f"<pre>{esc((sweep_dir / 'sweep.yaml').read_text())}</pre>",
-             "<h2>Fitted laws</h2><table><tr><th>law</th><th>fit</th><th>95% intervals</th><th>R²</th>"
-             "<th>points (runs)</th><th>largest held out</th></tr>"]
-    for name, f in fits.items():
-        ci = "<br>".join(f"{esc(k)} [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in f.ci.items())
-        hold = f.holdout.get("max_rel_error") if f.holdout else None
-        parts.append(f"<tr><td>{esc(name)}</td><td>{esc(f.formula)}</td><td>{ci}</td><td>{f.r2:.3f}</td>"
-                     f"<td>{f.n_points} ({len(f.runs)})</td><td>{'' if hold is None else f'{hold:.1%}'}</td></tr>")
-    parts.append("</table>")
+             "<h2>Fitted laws</h2>"]
+    if fits:
+        parts.append("<div class='scroll'><table><tr><th>law</th><th>fit</th><th>95% intervals</th><th>R²</th>"
+                     "<th>points (runs)</th><th>largest held out</th></tr>")
+        for name, f in fits.items():
+            ci = "<br>".join(f"{esc(k)} [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in f.ci.items())
+            hold = f.holdout.get("max_rel_error") if f.holdout else None
+            parts.append(f"<tr><td>{esc(name)}</td><td>{esc(f.formula)}</td><td>{ci}</td><td>{f.r2:.3f}</td>"
+                         f"<td>{f.n_points} ({len(f.runs)})</td><td>{'' if hold is None else f'{hold:.1%}'}</td></tr>")
+        parts.append("</table></div>")
+    else:
+        parts.append("<p>No law could be fitted from these runs (the reasons below).</p>")
     parts += [f"<p>{esc(name)}: skipped ({esc(reason)})</p>" for name, reason in skipped.items()]
     parts.append("<h2>Figures</h2>")
     for name, paths, reason in figures:
@@ -50,7 +56,8 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, all_runs:
         parts.append(f"<figure><img src='data:image/png;base64,{data}'><figcaption>{esc(name)}: "
                      f"{esc(str(png))}</figcaption></figure>")
     cols = [c for c in RUN_COLUMNS if c in runs]
-    parts += ["<h2>Runs</h2>", runs[cols].to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")]
+    parts += ["<h2>Runs</h2>", "<div class='scroll'>" + runs[cols].to_html(index=False, float_format=lambda v: f"{v:.4g}",
+                                                                       na_rep="") + "</div>"]
     path = out / "report.html"
     write_text_atomic(path, "\n".join(parts))
     return path

@@ -81,10 +81,13 @@ def fig_loc(curves: pd.DataFrame, runs: pd.DataFrame, fits: Fits | None = None) 
         mine = c[c["run_id"].isin(g["rows"]["run_id"])]
         if mine.empty:
             continue
-        for _, run in mine.groupby("run_id", sort=True):
+        frontier = g["rows"]["n_latents"].nunique() >= 2  # one width is a single curve: no frontier across sizes
+        for i, (_, run) in enumerate(mine.groupby("run_id", sort=True)):
             run = run.sort_values("flops")
-            ax.plot(run["flops"], run["nmse"], color=g["color"], lw=0.6, alpha=0.35, gid="curve")
-        if g["rows"]["n_latents"].nunique() >= 2:  # one width is a single curve: no frontier across sizes
+            # without a frontier (which carries the series' name) the curves name their series themselves
+            label = f"{g['label']} (runs)" if i == 0 and not frontier else None
+            ax.plot(run["flops"], run["nmse"], color=g["color"], lw=0.6, alpha=0.35, gid="curve", label=label)
+        if frontier:
             _frontier_and_law(ax, g, mine, laws, site)
     loglog(ax)
     ax.set_xlabel("SAE training FLOPs")
