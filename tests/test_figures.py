@@ -416,7 +416,7 @@ def test_render_all_writes_supported_figures_and_lists_skips(tmp_path):
                "seed": 0, "layer": 0, "d_in": 8, "tokens": int(1e5), "flops": float(1e5 * 48 * n), "nmse": nmse,
                "mse": 0.1, "l0": 2.0, "l1": 1.0, "dead_frac": 0.05, "dead_frac_eval": 0.05,
                "downstream_metric": None, "downstream_loss": None, "downstream_null_reason": "activations from a file"}
-        store.write_run({k: row.get(k) for k in RUN_SCHEMA} | row, curve=curve, recovery=recovery)
+        store.write_run({k: row.get(k) for k in RUN_SCHEMA} | row, curve=curve, tables={"recovery": recovery})
     out = tmp_path / "figs"
     result = F.render_all(store.dir, out)
     assert [name for name, _, _ in result] == list(F.FIGURES)
