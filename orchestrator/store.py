@@ -49,11 +49,14 @@ RUN_SCHEMA = {
     "nmse": pa.float64(), "mse": pa.float64(), "nmse_pooled": pa.float64(), "mse_pooled": pa.float64(),
     "l0": pa.float64(), "l1": pa.float64(), "dead_frac": pa.float64(),
     "dead_frac_eval": pa.float64(), "dense_frac": pa.float64(), "dense_top_density": pa.float64(),
+    "refined_nmse": pa.float64(), "shrinkage": pa.float64(), "refinement_mean": pa.float64(),
+    "layers_active_mean": pa.float64(), "single_layer_frac": pa.float64(),
     "ema_used": pa.bool_(), "downstream_metric": pa.string(),
     "downstream_loss": pa.float64(), "downstream_kl": pa.float64(), "downstream_zero_ablation": pa.float64(),
     "downstream_mean_ablation": pa.float64(), "ce_orig": pa.float64(), "ce_sae": pa.float64(),
     "ce_zero_ablation": pa.float64(), "ce_mean_ablation": pa.float64(), "ce_loss_score": pa.float64(),
     "downstream_tokens": pa.int64(), "downstream_null_reason": pa.string(),
+    "probe_loss": pa.float64(), "probe_loss_baseline": pa.float64(),
     "config_json": pa.string(), "started_at": pa.timestamp("us", tz="UTC"), "finished_at": pa.timestamp("us", tz="UTC"),
 }
 # per-run tables besides runs/: the training curve, and every table the evaluation returns

@@ -7,7 +7,8 @@ matplotlib Figure, or raises SkipFigure with a one-line reason when the data do 
 
 The modules: style (look, colors, axes, labels, saving), data (which rows and laws a figure draws), and the
 figures by what they show: scaling_laws, comparisons (of architecture families), training (curves, dead
-latents, layers), ladders (width ladders), latents (per-latent density and importance).
+latents, layers), ladders (width ladders), latents (per-latent density and importance), cross_layer
+(multi-layer SAEs across layers), shrinkage (activation refinement, Gao et al. 2024, §5.1, Fig. 9).
 
 Conventions shared by every figure:
 - runs with status "ok" only (curves: every run that has a runs row);
@@ -37,10 +38,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from analysis.figures.comparisons import fig_downstream, fig_frontier, fig_recovery  # noqa: E402
+from analysis.figures.cross_layer import fig_adjacent_cosine, fig_layer_spread  # noqa: E402
 from analysis.figures.data import Fits, SkipFigure  # noqa: E402
 from analysis.figures.ladders import fig_width_ladder  # noqa: E402
 from analysis.figures.latents import fig_latent_density  # noqa: E402
 from analysis.figures.scaling_laws import fig_loc, fig_lofn, fig_lr, fig_nmse_vs_n  # noqa: E402
+from analysis.figures.shrinkage import fig_shrinkage  # noqa: E402
 from analysis.figures.style import ARCH_COLORS, STYLE, save_figure  # noqa: E402
 from analysis.figures.training import fig_curves, fig_dead, fig_layers  # noqa: E402
 from analysis.results import load_curves, load_layers, load_recovery, load_runs  # noqa: E402
@@ -49,7 +52,8 @@ from sae_core.errors import DataError  # noqa: E402
 
 __all__ = ["SkipFigure", "STYLE", "ARCH_COLORS", "FIGURES", "render_all", "save_figure", "fig_loc", "fig_lofn",
            "fig_frontier", "fig_nmse_vs_n", "fig_lr", "fig_downstream", "fig_dead", "fig_recovery", "fig_curves",
-           "fig_layers", "fig_width_ladder", "fig_latent_density"]
+           "fig_layers", "fig_width_ladder", "fig_latent_density",
+           "fig_layer_spread", "fig_adjacent_cosine", "fig_shrinkage"]
 
 FIGURES: dict[str, Callable[..., Figure]] = {
     "loc": fig_loc,
@@ -60,10 +64,13 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "downstream": fig_downstream,
     "dead": fig_dead,
     "recovery": fig_recovery,
+    "shrinkage": fig_shrinkage,
     "curves": fig_curves,
     "layers": fig_layers,
     "width_ladder": fig_width_ladder,
     "latent_density": fig_latent_density,
+    "layer_spread": fig_layer_spread,
+    "adjacent_cosine": fig_adjacent_cosine,
 }
 
 

@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from sae_core.evaluation import recovery
+from sae_core.evaluation.cross_layer import evaluate_cross_layer
 from sae_core.evaluation.downstream import (
     DownstreamEval,
     constant,
@@ -20,7 +21,9 @@ from sae_core.evaluation.downstream import (
     reconstruction,
     zeros,
 )
+from sae_core.evaluation.probe import PROBE_COLUMNS, evaluate_probes
 from sae_core.evaluation.reconstruction import evaluate
+from sae_core.evaluation.refinement import refine
 from sae_core.sae import SAE
 
 NonNegative = Field(ge=0, allow_inf_nan=False)
@@ -37,10 +40,23 @@ class EvalConfig(BaseModel):
     # test-time JumpReLU thresholds θ; auto: the mean k'-th largest pre-activation, one per k'
     recovery_thresholds: list[float] | Literal["auto"] = "auto"
     recovery_downstream: bool = True  # also splice every recovery point (one forward per point and batch)
+    # re-fit the active latents' values with the decoder frozen (NNLS), for refined_nmse, shrinkage and
+    # refinement_mean: how much the activations are shrunk (Gao et al. 2024, §5.1, Fig. 9)
+    refinement: bool = True
+    refinement_vectors: int = Field(2048, ge=1)  # held-out vectors refined (the first ones; all layers pooled)
+    # at most this many active latents refined per vector (the largest; the others stay frozen): bounds the
+    # cost of L1 families' large active sets
+    refinement_max_active: int = Field(128, ge=1)
+    # probe loss (Gao et al. 2024, §4): the best single latent's 1-D logistic regression loss on built-in
+    # token tasks, and the same over the input's coordinates (needs the model; multi-layer SAEs: first layer).
+    # Off until its cost per run is measured
+    probe: bool = False
+    probe_tokens: int = Field(4096, ge=1)  # held-out positions probed (the first ones)
 
 
-# the per-run tables an evaluation may return, each written as results/<sweep>/<table>/<run_id>.parquet
-RUN_TABLES = ("layers", "recovery")
+# the per-run tables an evaluation may return, each written as results/<sweep>/<table>/<run_id>.parquet;
+# layer_spread, layer_profile and adjacent_cosine: multi-layer SAEs only (sae_core.evaluation.cross_layer)
+RUN_TABLES = ("layers", "recovery", "layer_spread", "layer_profile", "adjacent_cosine", "probes")
 
 
 @dataclass
@@ -127,4 +143,26 @@ def evaluate_run(sae: SAE, eval_x: torch.Tensor, cfg: EvalConfig, layers: list[i
             if clean_ce is not None:
                 row["downstream_kl"] = math.fsum(p.kl for p in points) / len(points)
         table.append(row)
-    return RunEvaluation(metrics, {"layers": per_layer, "recovery": table})
+    tables = {"layers": per_layer, "recovery": table}
+    if layer_ids is not None:  # a multi-layer SAE: how its latents spread over the layers (cross_layer.py)
+        cross, cross_tables = evaluate_cross_layer(sae, eval_x, layer_ids, torch.unique(layer_ids).tolist(),
+                                                   batch_size)
+        metrics = {**metrics, **cross}
+        tables.update(cross_tables)
+    metrics = {**metrics, **_refinement_columns(sae, eval_x, cfg, batch_size)}
+    # probe loss (probe.py): on the SAE's first hooked layer, so a multi-layer SAE is probed where it starts
+    probe_metrics, tables["probes"] = dict.fromkeys(PROBE_COLUMNS), []
+    if cfg.probe and downstream is not None and layers:
+        probe_metrics, tables["probes"] = evaluate_probes(sae, downstream, layers[0], cfg.probe_tokens)
+    metrics = {**metrics, **probe_metrics}
+    return RunEvaluation(metrics, tables)
+
+
+def _refinement_columns(sae: SAE, eval_x: torch.Tensor, cfg: EvalConfig, batch_size: int) -> dict:
+    """refined_nmse, shrinkage, refinement_mean on the first cfg.refinement_vectors held-out vectors (a
+    multi-layer SAE's pooled over its layers); null when off or for a sharded SAE, whose decoder is split."""
+    keys = ("refined_nmse", "shrinkage", "refinement_mean")
+    if not cfg.refinement or sae.net.mesh.shards > 1 or eval_x.shape[0] == 0:
+        return dict.fromkeys(keys)
+    res = refine(sae, eval_x[:cfg.refinement_vectors], cfg.refinement_max_active, batch_size)
+    return {k: res.metrics[k] for k in keys}
