@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -35,7 +36,9 @@ def init_distributed(rank: int, world: int, address: str, port: int, device: tor
 def _child(rank: int, world: int, port: int, target: Callable, args: tuple, threads: int, out) -> None:
     torch.set_num_threads(threads)
     try:
-        out.put((rank, True, target(rank, world, port, *args)))
+        # by value: a tensor put on the queue as it is travels as a file descriptor that the parent fetches
+        # from this process, which may have exited by then (FileNotFoundError under load)
+        out.put((rank, True, pickle.dumps(target(rank, world, port, *args))))
     except BaseException:
         out.put((rank, False, traceback.format_exc()))
     finally:
@@ -69,7 +72,7 @@ def run_local_group(target: Callable, world: int, args: tuple = (), threads: int
             except queue.Empty:
                 raise TimeoutError(f"local group: no result within {timeout_s} s") from None
             if ok:
-                results[rank] = value
+                results[rank] = pickle.loads(value)  # our own child's bytes, never a file
             else:
                 errors.append(f"rank {rank}:\n{value}")
                 break  # the others are blocked in a collective with the failed rank
