@@ -88,19 +88,24 @@ def _ray_local_session():
         ray.shutdown()
 
 
-@pytest.fixture
-def ray_local(_ray_local_session):
-    """One local 2-CPU Ray for the whole session (`run_sweep` reuses it). A module that needs another cluster
-    (tests/test_orchestration_cluster.py) shuts it down; the next test asking for it then starts a new one."""
+def ensure_local_ray(state: dict):
+    """The session's local Ray, (re)started if another cluster replaced it; module-scoped fixtures call this
+    directly, since they cannot use the function-scoped `ray_local`."""
     import ray
 
-    state = _ray_local_session
     if not (ray.is_initialized() and ray.get_runtime_context().gcs_address == state.get("gcs")):
         if ray.is_initialized():
             ray.shutdown()
         ray.init(**RAY_LOCAL_OPTIONS)
         state["gcs"] = ray.get_runtime_context().gcs_address
     return ray
+
+
+@pytest.fixture
+def ray_local(_ray_local_session):
+    """One local 2-CPU Ray for the whole session (`run_sweep` reuses it). A module that needs another cluster
+    (tests/test_orchestration_cluster.py) shuts it down; the next test asking for it then starts a new one."""
+    return ensure_local_ray(_ray_local_session)
 
 
 @pytest.fixture

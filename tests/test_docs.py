@@ -52,14 +52,9 @@ def test_the_docs_mark_blocks_to_run():
 def world(tmp_path_factory, _ray_local_session):
     """A folder holding sweeps/my-sweep.yaml, finished into results/my-sweep (and results/gpt2-l8-topk, the
     README's name): TopK at four widths and two k, enough for every law the docs fit."""
-    import ray
-    from conftest import RAY_LOCAL_OPTIONS
+    from conftest import ensure_local_ray
 
-    if not (ray.is_initialized() and ray.get_runtime_context().gcs_address == _ray_local_session.get("gcs")):
-        if ray.is_initialized():
-            ray.shutdown()
-        ray.init(**RAY_LOCAL_OPTIONS)
-        _ray_local_session["gcs"] = ray.get_runtime_context().gcs_address
+    ensure_local_ray(_ray_local_session)
     root = tmp_path_factory.mktemp("docs-world")
     (root / "sweeps").mkdir()
     spec = {"name": "my-sweep",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import RAY_LOCAL_OPTIONS
+from conftest import ensure_local_ray
 from test_orchestration import BATCH, sweep, write_sweep
 
 from orchestrator.cli import main
@@ -29,13 +29,7 @@ GRID = {"arch": ["topk"], "n_latents": [32], "k": [4, 8]}
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, _ray_local_session):
     """A finished 2-run sweep (its YAML and results root), copied by each test that breaks it."""
-    import ray
-
-    if not (ray.is_initialized() and ray.get_runtime_context().gcs_address == _ray_local_session.get("gcs")):
-        if ray.is_initialized():
-            ray.shutdown()
-        ray.init(**RAY_LOCAL_OPTIONS)
-        _ray_local_session["gcs"] = ray.get_runtime_context().gcs_address
+    ensure_local_ray(_ray_local_session)
     folder = tmp_path_factory.mktemp("finished")
     path = write_sweep(folder, train_tokens=8 * BATCH, grid=GRID)
     rc, _ = sweep(path, folder / "results")
