@@ -8,8 +8,9 @@ import html
 from pathlib import Path
 
 from analysis.figures import render_all
-from analysis.results import load_runs
+from analysis.results import Sweeps, load_runs, sweep_dirs
 from analysis.sweep_fits import sweep_fits
+from sae_core.errors import DataError
 from sae_core.io import write_text_atomic
 
 RUN_COLUMNS = ["run_id", "arch", "layer", "n_latents", "k", "l1_coeff", "lr", "seed", "status", "nmse", "l0",
@@ -22,18 +23,24 @@ th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;font-size:12px;overflow
 figure{margin:1.5em 0}figcaption{font-size:13px;color:#555}"""
 
 
-def write_report(sweep_dir: str | Path, out: str | Path | None = None, all_runs: bool = False) -> Path:
-    sweep_dir = Path(sweep_dir)
-    out = Path(out) if out else sweep_dir / "figures"
-    fits, skipped = sweep_fits(sweep_dir, all_runs)  # fits.json when current: the report, figures and `fit` agree
-    figures = render_all(sweep_dir, out, fits=(fits, skipped), all_runs=all_runs)
-    runs = load_runs(sweep_dir, all_runs)
+def write_report(sweep_dir: Sweeps, out: str | Path | None = None, all_runs: bool = False) -> Path:
+    """Several sweep folders: one report of their runs together, written to `out` (required)."""
+    dirs = sweep_dirs(sweep_dir)
+    if out is None and len(dirs) > 1:
+        raise DataError("figures of several sweeps: give the folder to write them to (--out)")
+    out = Path(out) if out else dirs[0] / "figures"
+    fits, skipped = sweep_fits(dirs, all_runs)  # fits.json when current: the report, figures and `fit` agree
+    figures = render_all(dirs, out, fits=(fits, skipped), all_runs=all_runs)
+    runs = load_runs(dirs, all_runs)
     esc = html.escape
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{esc(sweep_dir.name)}</title><style>{_STYLE}</style>",
-             f"<h1>Sweep {esc(sweep_dir.name)}</h1>",
+    title = ("Sweep " if len(dirs) == 1 else "Sweeps ") + ", ".join(d.name for d in dirs)
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{esc(title)}</title><style>{_STYLE}</style>",
+             f"<h1>{esc(title)}</h1>",
              f"<p>{len(runs)} runs: " + ", ".join(f"{n} {esc(str(s))}" for s, n in runs.status.value_counts().items())
-             + "</p>", "<h2>Grid</h2>", f"<pre>{esc((sweep_dir / 'sweep.yaml').read_text())}</pre>",
-             "<h2>Fitted laws</h2>"]
+             + "</p>", "<h2>Grid</h2>"]
+    parts += [(f"<h3>{esc(d.name)}</h3>" if len(dirs) > 1 else "") + f"<pre>{esc((d / 'sweep.yaml').read_text())}</pre>"
+              for d in dirs if (d / "sweep.yaml").is_file()]
+    parts.append("<h2>Fitted laws</h2>")
     if fits:
         parts.append("<div class='scroll'><table><tr><th>law</th><th>fit</th><th>95% intervals</th><th>R²</th>"
                      "<th>points (runs)</th><th>largest held out</th></tr>")
@@ -55,7 +62,9 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, all_runs:
         data = base64.b64encode(Path(png).read_bytes()).decode()
         parts.append(f"<figure><img src='data:image/png;base64,{data}'><figcaption>{esc(name)}: "
                      f"{esc(str(png))}</figcaption></figure>")
-    cols = [c for c in RUN_COLUMNS if c in runs]
+    # the model and sweep columns where they tell the runs apart
+    varying = [c for c in ("sweep", "model") if c in runs and runs[c].nunique(dropna=True) > 1]
+    cols = varying + [c for c in RUN_COLUMNS if c in runs]
     parts += ["<h2>Runs</h2>", "<div class='scroll'>" + runs[cols].to_html(index=False, float_format=lambda v: f"{v:.4g}",
                                                                        na_rep="") + "</div>"]
     path = out / "report.html"

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.fits import Fit, convergence, fit_joint, fit_loc, fit_lofn, fit_lr, fits_table
-from analysis.results import load_curves, load_runs
+from analysis.results import Sweeps, load_curves, load_runs, sweep_dirs
 from analysis.selection import group_label, l0_set_by_k, series, usable
 from orchestrator.store import ResultsStore, write_parquet_atomic
 from sae_core.errors import DataError
@@ -104,33 +104,34 @@ def fit_runs(runs: pd.DataFrame, curves: pd.DataFrame | None = None, laws: tuple
     return fits, skipped
 
 
-def fit_sweep(sweep_dir: str | Path, laws: tuple[str, ...] = LAWS,
+def fit_sweep(sweep_dir: Sweeps, laws: tuple[str, ...] = LAWS,
               all_runs: bool = False) -> tuple[dict[str, Fit], dict[str, str]]:
     """Fits by name, and the reason each skipped law was skipped. all_runs: also the rows of grid points
     since removed from the sweep."""
     runs = load_runs(sweep_dir, all_runs)
     if runs.empty:
-        raise DataError(f"{sweep_dir}: no finished runs to fit")
+        raise DataError(f"{', '.join(map(str, sweep_dirs(sweep_dir)))}: no finished runs to fit")
     return fit_runs(runs, load_curves(sweep_dir, all_runs), laws)
 
 
-def fingerprint(sweep_dir: str | Path, all_runs: bool = False) -> str:
+def fingerprint(sweep_dir: Sweeps, all_runs: bool = False) -> str:
     """A hash of the tables the fits read (the counted runs' runs/ and curves/ files) and of the fitting
     rules' version."""
     h = hashlib.sha256(f"fits v{FITS_VERSION}{' all runs' if all_runs else ''}".encode())
-    store = ResultsStore.at(sweep_dir)
-    for table in ("runs", "curves"):
-        for f in store.files(table, all_runs):
-            h.update(f"{table}/{f.name}".encode())
-            h.update(hashlib.sha256(f.read_bytes()).digest())
+    for path in sweep_dirs(sweep_dir):
+        store = ResultsStore.at(path)
+        for table in ("runs", "curves"):
+            for f in store.files(table, all_runs):
+                h.update(f"{table}/{f.name}".encode())
+                h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
 
 
-def write_fits(sweep_dir: str | Path, fits: dict[str, Fit], skipped: dict[str, str],
+def write_fits(sweep_dir: Sweeps, fits: dict[str, Fit], skipped: dict[str, str],
                laws: tuple[str, ...] = LAWS, inputs: str | None = None, out: str | Path | None = None) -> Path:
     """inputs: the tables' fingerprint when the caller has it (the tables the fits were fitted to); out: the
     folder (default <sweep_dir>/fits, where figures and the report look for them)."""
-    out = Path(out) if out is not None else Path(sweep_dir) / "fits"
+    out = Path(out) if out is not None else Path(sweep_dir) / "fits"  # several sweeps: `out` is given
     write_json_atomic(out / "fits.json", {"inputs": inputs or fingerprint(sweep_dir), "laws": list(laws),
                                           "fits": {name: f.to_dict() for name, f in fits.items()},
                                           "skipped": skipped})
@@ -154,9 +155,13 @@ def read_fits(sweep_dir: str | Path, inputs: str | None = None) -> tuple[dict[st
         return None
 
 
-def sweep_fits(sweep_dir: str | Path, all_runs: bool = False) -> tuple[dict[str, Fit], dict[str, str]]:
+def sweep_fits(sweep_dir: Sweeps, all_runs: bool = False) -> tuple[dict[str, Fit], dict[str, str]]:
     """The sweep's fits: fits.json when it is current, else fitted now and written (where the folder is
-    writable: on read-only storage the fits are used without being saved)."""
+    writable: on read-only storage the fits are used without being saved). Several sweeps together are fitted
+    now: no sweep's folder holds their fits."""
+    if len(sweep_dirs(sweep_dir)) > 1:
+        return fit_sweep(sweep_dir, all_runs=all_runs)
+    sweep_dir = sweep_dirs(sweep_dir)[0]
     inputs = fingerprint(sweep_dir, all_runs)  # hashing every table once, for the check and the write
     current = read_fits(sweep_dir, inputs)
     if current is not None:

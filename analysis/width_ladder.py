@@ -29,10 +29,15 @@ def ladder_table(sweep_dir: str | Path, threshold: float = 0.7, max_vectors: int
         raise DataError(f"{sweep_dir}: no finished runs")
     spec = load_spec(sweep_dir / "sweep.yaml")
     store = ResultsStore(sweep_dir.parent, sweep_dir.name)
-    data = ActivationData(spec.model, spec.hook, spec.data).prepare()
+    # a ladder reads one model (`model` is a cell key): its single-model sweep's data, prepared once
+    datas = {one.model: one for one in spec.per_model()}
+    prepared: dict = {}
     rows = []
     for group, members in width_ladders(runs):
-        layer = group.get("layer")
+        layer, one = group.get("layer"), datas.get(group.get("model"), spec)
+        if one.model not in prepared:
+            prepared[one.model] = ActivationData(one.model, one.hook, one.data).prepare()
+        data = prepared[one.model]
         x = data.source(None if layer is None else int(layer), seed=spec.data_seed).eval_set()[:max_vectors]
         saes = [SAE.load(store.sae_dir(rid), device=device) for rid in members.run_id]
         table = compare_ladder(saes, x, threshold)

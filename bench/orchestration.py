@@ -72,16 +72,17 @@ def pack_vs_separate(folder: Path, n_runs: int, tokens: int) -> tuple[float, flo
             "eval": {"downstream": False, "recovery": False}, "pack_size": n_runs}
     path = write(folder, "pack", spec)
     sweep = plan_sweep(path, folder / "pack-results")
-    sweep.data.prepare()
-    data = sweep.spec.model_dump(mode="json", exclude_unset=True)
+    spec, data = sweep.of(sweep.runs[0])
+    data.prepare()
+    spec_data = spec.model_dump(mode="json", exclude_unset=True)
     runs = [asdict(r) for r in sweep.runs]
-    train_pack(data, runs[:1], str(folder / "warmup"))  # token rows, model load, first-call costs
+    train_pack(spec_data, runs[:1], str(folder / "warmup"))  # token rows, model load, first-call costs
     t0 = time.perf_counter()
     for run in runs:
-        train_pack(data, [run], str(folder / "separate"))
+        train_pack(spec_data, [run], str(folder / "separate"))
     separate = time.perf_counter() - t0
     t0 = time.perf_counter()
-    train_pack(data, runs, str(folder / "packed"))
+    train_pack(spec_data, runs, str(folder / "packed"))
     packed = time.perf_counter() - t0
     return separate, packed, len(runs) * sweep.runs[0].train["train_tokens"]
 

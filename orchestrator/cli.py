@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sae_core.errors import SAEScalingError
+from sae_core.errors import ConfigError, SAEScalingError
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -57,8 +57,11 @@ def _fit(args: argparse.Namespace) -> int:
     from analysis.sweep_fits import LAWS, fit_sweep, print_fits, write_fits
 
     laws = (args.law,) if args.law else LAWS
+    if len(args.sweep_dir) > 1 and not args.out:
+        raise ConfigError("fit: the fits of several sweeps together need --out (no sweep's folder holds them)")
     fits, skipped = fit_sweep(args.sweep_dir, laws, args.all)
-    out = write_fits(args.sweep_dir, fits, skipped, laws, out=args.out)
+    out = write_fits(args.sweep_dir[0] if len(args.sweep_dir) == 1 else args.sweep_dir, fits, skipped, laws,
+                     out=args.out)
     print_fits(fits, skipped)
     print(f"written to {out}")
     return 0 if fits else 1
@@ -69,6 +72,13 @@ def _figures(args: argparse.Namespace) -> int:
 
     report = write_report(args.sweep_dir, args.out, args.all)
     print(f"report: {report}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from analysis.predict import format_predictions, predict
+
+    print(format_predictions(predict(args.sweep_dir, args.n_latents, args.k, args.flops, args.all)))
     return 0
 
 
@@ -94,6 +104,23 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 ALL_HELP = "also the runs of grid points since removed from the sweep (kept on disk, left out by default)"
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed: a positive number, e.g. 1e18")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _positive_float(text)  # 2e24 is a whole number too
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed: a positive whole number, e.g. 16777216 or 1.6e7")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     results.set_defaults(func=_results)
 
     fit = sub.add_parser("fit", help="fit the scaling laws the sweep supports, with confidence intervals")
-    fit.add_argument("sweep_dir", help="results/<sweep name>")
+    fit.add_argument("sweep_dir", nargs="+", help="results/<sweep name>; several: their runs fitted together "
+                     "(with --out)")
     fit.add_argument("--law", choices=["lofn", "loc", "joint", "lr"], help="only this law (default: all supported)")
     fit.add_argument("--out", help="folder for fits.json and fits.parquet (default results/<sweep>/fits, where "
                                    "figures read them; give another on read-only storage)")
@@ -150,10 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=_fit)
 
     figures = sub.add_parser("figures", help="every figure the sweep's data support (PNG, PDF) and an HTML report")
-    figures.add_argument("sweep_dir", help="results/<sweep name>")
-    figures.add_argument("--out", help="folder for the figures (default results/<sweep>/figures)")
+    figures.add_argument("sweep_dir", nargs="+", help="results/<sweep name>; several: their runs drawn together "
+                         "(with --out), e.g. sweeps of different subject models")
+    figures.add_argument("--out", help="folder for the figures (default results/<sweep>/figures; required with "
+                         "several sweeps)")
     figures.add_argument("--all", action="store_true", help=ALL_HELP)
     figures.set_defaults(func=_figures)
+
+    pred = sub.add_parser("predict", help="the fitted laws' predictions at a new size or compute, with 95% intervals; "
+                                          "the best lr at that size")
+    pred.add_argument("sweep_dir", nargs="+", help="results/<sweep name> (several: their runs fitted together)")
+    pred.add_argument("--n-latents", type=_positive_int, help="width: L(N), L(n, k) and the lr law")
+    pred.add_argument("--k", type=_positive_int, help="k: L(n, k), and the L(N) of that k's series")
+    pred.add_argument("--flops", type=_positive_float, help="SAE training compute: L(C)")
+    pred.add_argument("--all", action="store_true", help=ALL_HELP)
+    pred.set_defaults(func=_predict)
 
     export = sub.add_parser("export", help="write an SAE in a peer's on-disk format (SAELens, sparsify)")
     export.add_argument("run_dir", help="results/<sweep>/saes/<run_id> (or any folder SAE.save wrote)")

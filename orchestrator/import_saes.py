@@ -31,14 +31,27 @@ def _weights_hash(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _model_of(sweep, folder: Path, sae: SAE):
+    """The single-model sweep and data an SAE is evaluated on: a sweep of several models takes the one the
+    SAE was trained on (its hook's model), by name."""
+    if len(sweep.models) == 1:
+        return next(iter(sweep.models.values()))
+    trained = (sae.meta.get("hook") or {}).get("model")
+    if trained not in sweep.models:
+        raise DataError(f"{folder}: the SAE was trained on model {trained or '(not recorded)'}; the sweep lists "
+                        f"several models, allowed: {', '.join(map(str, sweep.models))}")
+    return sweep.models[trained]
+
+
 def import_saes(sweep_path: str | Path, folders: list[str | Path], results: str | Path = "results",
                 echo: Callable[[str], None] = print) -> list[str]:
     """Evaluate each SAE folder on the sweep's data and write its row; returns the run_ids."""
     sweep = plan_sweep(sweep_path, results)
-    spec, store, data = sweep.spec, sweep.store, sweep.data
+    store = sweep.store
     saes = []
     for folder in map(Path, folders):  # every folder checked before any is evaluated
         sae = SAE.load(folder)
+        spec, data = _model_of(sweep, folder, sae)
         if sae.cfg.d_in != data.d_in:
             raise DataError(f"{folder}: the SAE reads {sae.cfg.d_in}-dimensional vectors, the sweep's data are "
                             f"{data.d_in}-dimensional; allowed: SAEs of d_in {data.d_in}")
@@ -48,20 +61,22 @@ def import_saes(sweep_path: str | Path, folders: list[str | Path], results: str 
         if spec.data.has_model and hook_layers[0] is not None and hook_layers[0] not in layers:
             raise DataError(f"{folder}: the SAE reads layer {hook_layers[0]}; the sweep hooks layers "
                             f"{', '.join(map(str, layers))}")
-        saes.append((folder, sae, layer))
-    data.prepare(echo)
-    data.check_finite(echo)
+        saes.append((folder, sae, layer, spec, data))
+    splicers = {}  # one per model: it holds the model and its held-out rows
+    for spec, data in {id(d): (s, d) for *_, s, d in saes}.values():
+        data.prepare(echo)
+        data.check_finite(echo)
+        splicers[id(data)] = splicer_of(spec, data)
     if not (store.dir / "sweep.yaml").is_file():  # importing into a sweep not run yet
         store.save_spec(sweep.text)
-    splicer = splicer_of(spec, data)
     run_ids = []
-    for folder, sae, layer in saes:
+    for folder, sae, layer, spec, data in saes:
         source = (sae.meta.get("imported_from") or {}).get("format", "sae-scaling")
         identity = Identity(f"import-{_weights_hash(folder)}", sae.cfg.arch, layer,
                             axes={"arch": sae.cfg.arch, "n_latents": sae.cfg.n_latents, "imported": source},
                             sae={**sae.cfg.model_dump(), "imported_from": str(folder)}, train=NOT_TRAINED_HERE)
         started = now_utc()
-        inputs = EvalInputs.of(spec, data, data.source(layer, seed=spec.data_seed), layer, splicer)
+        inputs = EvalInputs.of(spec, data, data.source(layer, seed=spec.data_seed), layer, splicers[id(data)])
         metrics = evaluate(sae, inputs.eval_x, layer_ids=inputs.layer_ids).metrics  # per layer if multi-layer
         # its weights are those given: no EMA weights swapped in
         outcome = Outcome("ok", metrics, device=str(sae.net.W_dec.device), ema_used=False)

@@ -33,6 +33,7 @@ from sae_core.architectures import parse_sae_config
 from sae_core.architectures.base import registry
 from sae_core.config import parse_train_config, with_family_defaults
 from sae_core.errors import ConfigError, DataError, SAEScalingError
+from sae_core.evaluation.probe_datasets import read_rows
 from sae_core.fingerprint import paths_fingerprint
 from sae_core.lm.loading import local_model_fingerprint
 from sae_core.sources.files import expand_paths
@@ -51,6 +52,7 @@ class RunPlan:
     stream: str  # runs with equal streams can share one activation stream
     settings: str = ""  # the run_id's hash without the input contents (pending_reason tells them apart)
     inputs: dict = field(default_factory=dict)  # label -> content digest of a local input (data_identity)
+    model: str | None = None  # the subject model whose activations it reads (Sweep.models' key)
 
     def plan_entry(self) -> dict:
         """What plan.json keeps of the run."""
@@ -80,9 +82,9 @@ def _hash(obj) -> str:
 
 def input_digests(spec: SweepSpec) -> dict[str, str]:
     """label -> content digest (sae_core.fingerprint) of each local input the sweep reads: the activation
-    files, the text files or local dataset, the model folder (the embedded model's too). Synthetic data, a
-    hub dataset, the embedded corpus and a hub model contribute nothing: their settings are all there is on
-    this side (the spec names them)."""
+    files, the text files or local dataset, the model folder (the embedded model's too), the probe task
+    files. Synthetic data, a hub dataset, the embedded corpus and a hub model contribute nothing: their
+    settings are all there is on this side (the spec names them)."""
     inputs = {}
     if spec.data.activations is not None:
         inputs["data.activations"] = paths_fingerprint(expand_paths(spec.data.activations))
@@ -90,6 +92,9 @@ def input_digests(spec: SweepSpec) -> dict[str, str]:
         inputs["data.text"] = text
     if spec.data.has_model and (model := local_model_fingerprint(spec.model)) is not None:
         inputs["model"] = model
+    for task in spec.eval.probe_tasks if spec.eval.probe else ():
+        if task.path is not None:
+            inputs[f"eval.probe_tasks[{task.name}]"] = paths_fingerprint([Path(task.path).expanduser()])
     return inputs
 
 
@@ -123,15 +128,43 @@ def _grid_points(spec: SweepSpec):
             yield base, {**scalars, **dict(zip(lists, values))}
 
 
-def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str = "sweep") -> list[RunPlan]:
-    """Every run of the sweep, in grid order, duplicates (axes that do not apply) removed."""
+def _configs(spec: SweepSpec, arch: str, sae: dict, train: dict, parts: int, source: str, where: str):
+    """The resolved SAE and trainer configs of a grid point's SAE holding 1/parts of its latents and vectors,
+    what its run_id hashes of the trainer config, and what its activation stream depends on."""
+    if parts > 1:
+        sae = {**sae, "n_latents": max(1, round(sae["n_latents"] / parts))}
+        train = {**train, "train_tokens": -(-train["train_tokens"] // parts)}
+        where = f"{where}, its per-layer SAEs (1/{parts} of the latents and vectors)"
+    try:
+        sae_cfg = parse_sae_config(sae, source=source, prefix="")
+        train_cfg = with_family_defaults(parse_train_config(train, source=source, prefix="train"),
+                                         registry()[arch].train_defaults)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (at {where})") from None
+    problems = layout_problems(sae_cfg, train_cfg, *spec.resources.layout)
+    if problems:
+        shards, replicas = spec.resources.layout
+        raise ConfigError("\n".join(f"{source}: {p} (resources: shards {shards}, replicas {replicas}; at {where})"
+                                     for p in problems))
+    train_dump = train_cfg.model_dump(mode="json")
+    # hashed resolved: `lr: auto` and the number it resolves to train the same SAE
+    resolved = {**{k: v for k, v in train_dump.items() if k not in ("device", "eval_batch_size", "checkpoint_every_tokens")},
+                "lr": train_cfg.resolved_lr(sae_cfg.n_latents)}
+    return sae_cfg, train_cfg, resolved, {"batch_size": train_cfg.batch_size, "train_tokens": train_cfg.train_tokens}
+
+
+def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str = "sweep",
+              model_axis: bool = False) -> list[RunPlan]:
+    """Every run of a single-model sweep (SweepSpec.per_model), in grid order, duplicates (axes that do not
+    apply) removed. model_axis: the sweep lists several models, so `model` is one of the runs' axes."""
     runs: dict[str, RunPlan] = {}
     identity = data_identity(spec)
     inputs = identity.pop("inputs")
     for point, override in _grid_points(spec):
         arch = point["arch"]
         own = sae_keys(arch)
-        axes = {k: v for k, v in point.items() if k in SPECIAL_AXES or k in own or k in train_keys()}
+        axes = {**({"model": spec.model} if model_axis else {}),
+                **{k: v for k, v in point.items() if k in SPECIAL_AXES or k in own or k in train_keys()}}
         values = {**axes, **override}
         sized = override if {"n_latents", "expansion_factor"} & set(override) else axes  # an override's size wins
         n = sized.get("n_latents") or round(sized["expansion_factor"] * d_in)
@@ -139,30 +172,24 @@ def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str 
                **{k: v for k, v in values.items() if k in own}}
         where = f"grid point {json.dumps(axes, default=str)}" + (
             f" with overrides.{arch} {json.dumps(override, default=str)}" if override else "")
-        try:
-            sae_cfg = parse_sae_config(sae, source=source, prefix="")
-            # data.train_tokens is the pool of training vectors and the default budget; overrides.<arch>.
-            # train_tokens a family's own budget (its source cycles the pool in reshuffled epochs if larger)
-            train = {**spec.train, **{k: v for k, v in values.items() if k in train_keys()},
-                     "train_tokens": values.get("train_tokens", spec.data.train_tokens),
-                     "lr": values.get("lr", "auto"), "seed": values.get("seed", 0)}
-            train_cfg = with_family_defaults(parse_train_config(train, source=source, prefix="train"),
-                                             registry()[arch].train_defaults)
-        except ConfigError as err:
-            raise ConfigError(f"{err} (at {where})") from None
-        problems = layout_problems(sae_cfg, train_cfg, *spec.resources.layout)
-        if problems:
-            shards, replicas = spec.resources.layout
-            raise ConfigError("\n".join(f"{source}: {p} (resources: shards {shards}, replicas {replicas}; at {where})"
-                                         for p in problems))
-        train_dump = train_cfg.model_dump(mode="json")
-        stream = _hash({**identity, "inputs": inputs, "batch_size": train_cfg.batch_size,
-                        "train_tokens": train_cfg.train_tokens})
-        # hashed resolved: `lr: auto` and the number it resolves to train the same SAE
-        resolved = {**{k: v for k, v in train_dump.items()
-                       if k not in ("device", "eval_batch_size", "checkpoint_every_tokens")},
-                    "lr": train_cfg.resolved_lr(sae_cfg.n_latents)}
+        # data.train_tokens is the pool of training vectors and the default budget; overrides.<arch>.
+        # train_tokens a family's own budget (its source cycles the pool in reshuffled epochs if larger)
+        train = {**spec.train, **{k: v for k, v in values.items() if k in train_keys()},
+                 "train_tokens": values.get("train_tokens", spec.data.train_tokens),
+                 "lr": values.get("lr", "auto"), "seed": values.get("seed", 0)}
+        # hook.multi_layer `both`: the grid point sizes the multi-layer SAE; each of the L per-layer SAEs beside
+        # it gets 1/L of its latents and of its training vectors, so the two compare at equal total latents on
+        # the same vectors (each position's vector at each layer seen as often), as Lawson et al. 2024 compare
+        # them; the per-layer set costs 1/L of the multi-layer SAE's FLOPs
+        n_layers = sum(layer is not None for layer in layers)
+        share = n_layers if None in layers and n_layers else 1
+        built: dict[int, tuple] = {}
         for layer in layers:
+            parts = 1 if layer is None else share
+            if parts not in built:
+                built[parts] = _configs(spec, arch, sae, train, parts, source, where)
+            sae_cfg, train_cfg, resolved, stream = built[parts]
+            stream = _hash({**identity, "inputs": inputs, **stream})
             ident = {**identity, "layer": layer, "layers": spec.hook.layers if layer is None else None,
                      "sae": sae_cfg.model_dump(mode="json"), "train": resolved,
                      "eval": spec.eval.model_dump(mode="json")}
@@ -171,7 +198,8 @@ def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str 
             # inputs were hashed
             run_id = _hash({**ident, "inputs": inputs}) if inputs else settings
             runs.setdefault(run_id, RunPlan(run_id, arch, layer, {**axes, **override}, sae_cfg.model_dump(mode="json"),
-                                            train_dump, f"{stream}-{layer}", settings, inputs))
+                                            train_cfg.model_dump(mode="json"), f"{stream}-{layer}", settings, inputs,
+                                            spec.model))
     return list(runs.values())
 
 
@@ -219,9 +247,14 @@ class Sweep:
     spec: SweepSpec
     path: str  # the sweep file, for messages
     text: str  # the YAML as given
-    data: ActivationData
+    # per subject model (RunPlan.model): its single-model sweep and activation data (SweepSpec.per_model)
+    models: dict[str | None, tuple[SweepSpec, ActivationData]]
     runs: list[RunPlan]
     store: ResultsStore
+
+    def of(self, run: RunPlan) -> tuple[SweepSpec, ActivationData]:
+        """The single-model sweep and the data a run trains on."""
+        return self.models[run.model]
 
 
 def plan_sweep(path: str | Path, results: str | Path = "results") -> Sweep:
@@ -233,12 +266,21 @@ def plan_sweep(path: str | Path, results: str | Path = "results") -> Sweep:
         raise ConfigError(f"{path}: {err}") from None
     if spec.cache_root:
         os.environ["SAE_SCALING_CACHE"] = str(Path(spec.cache_root).expanduser().resolve())
-    try:
-        data = ActivationData(spec.model, spec.hook, spec.data).prepare(build=False)
-    except SAEScalingError as err:
-        raise type(err)(f"{path}: {err}") from None
-    runs = plan_runs(spec, data.d_in, data.run_layers(), source=str(path))
-    return Sweep(spec, str(path), Path(path).read_text(), data, runs, ResultsStore(results, spec.name))
+    for task in spec.eval.probe_tasks if spec.eval.probe else ():  # read now: a bad file fails before training
+        try:
+            read_rows(task)
+        except DataError as err:
+            raise DataError(f"{path}: {err}") from None
+    models, runs = {}, []
+    for one in spec.per_model():
+        try:
+            data = ActivationData(one.model, one.hook, one.data).prepare(build=False)
+        except SAEScalingError as err:
+            where = f" (model {one.model})" if one is not spec else ""
+            raise type(err)(f"{path}: {err}{where}") from None
+        models[one.model] = (one, data)
+        runs += plan_runs(one, data.d_in, data.run_layers(), source=str(path), model_axis=one is not spec)
+    return Sweep(spec, str(path), Path(path).read_text(), models, runs, ResultsStore(results, spec.name))
 
 
 def _fmt_flops(x: float) -> str:
@@ -270,7 +312,9 @@ def run_states(sweep: Sweep) -> dict[str, str]:
 
 def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:
     states = run_states(sweep)
-    header = f"{'run_id':16}  {'arch':10} {'layer':>5} {'n_latents':>9} {'k':>5} {'l1_coeff':>9} {'lr':>8} " \
+    several = len(sweep.models) > 1
+    width = max((len(str(m)) for m in sweep.models), default=5) if several else 0
+    header = f"{'run_id':16}  " + (f"{'model':{width}} " if several else "") + f"{'arch':10} {'layer':>5} {'n_latents':>9} {'k':>5} {'l1_coeff':>9} {'lr':>8} " \
              f"{'seed':>4} {'tokens':>12} {'est. FLOPs':>10}  state"
     echo(header)
     total_flops = todo_flops = 0.0
@@ -281,7 +325,8 @@ def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:
         todo_flops += 0 if state == "done" else flops
         layer = "all" if run.layer is None and sweep.spec.data.has_model else ("-" if run.layer is None else run.layer)
         lr = run.train["lr"]
-        echo(f"{run.run_id:16}  {run.arch:10} {layer!s:>5} {run.n_latents:>9} {run.sae.get('k', '-')!s:>5} "
+        model = f"{run.model!s:{width}} " if several else ""
+        echo(f"{run.run_id:16}  {model}{run.arch:10} {layer!s:>5} {run.n_latents:>9} {run.sae.get('k', '-')!s:>5} "
              f"{run.sae.get('l1_coeff', '-')!s:>9} {lr if isinstance(lr, str) else f'{lr:.2e}':>8} "
              f"{run.train['seed']:>4} {run.train['train_tokens']:>12,} {_fmt_flops(flops):>10}  {state}")
     done = {rid for rid, state in states.items() if state == "done"}
@@ -294,8 +339,10 @@ def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:
     echo(f"{len(sweep.runs)} runs ({len(done)} done), {units}; SAE training compute "
          f"{_fmt_flops(total_flops)} FLOPs in all, {_fmt_flops(todo_flops)} to do (formula: "
          "docs/scaling-laws.md, Compute accounting)")
-    act = sweep.data.activation_flops()
-    if act is not None:
+    flops = [data.activation_flops() for _, data in sweep.models.values()]
+    if None not in flops:
+        act = sum(flops)
         where = ("once, into the cache" if sweep.spec.data.cache
                  else "per pack: activations are computed on the fly by every pack")
-        echo(f"activation generation: {_fmt_flops(act)} FLOPs {where}")
+        echo(f"activation generation: {_fmt_flops(act)} FLOPs {where}"
+             + (f" ({len(flops)} models)" if len(flops) > 1 else ""))

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from orchestrator.spec import _NOT_IN_SAE, _NOT_IN_TRAIN, SPECIAL_AXES, Resources, SweepSpec
+from orchestrator.spec import _NOT_IN_SAE, _NOT_IN_TRAIN, SPECIAL_AXES, Resources, SubjectModel, SweepSpec
 from sae_core.activation_data import DataConfig, HookConfig
 from sae_core.architectures import architecture_names
 from sae_core.architectures.base import SAEConfig, registry
@@ -108,6 +108,7 @@ def reference() -> str:
            "A key's description is the one its model gives. How the keys work together: "
            "[Running sweeps](sweeps.md). Part of the [sae-scaling manual](README.md).", ""]
     sections = [("Top level", SweepSpec, "", {"hook", "data", "eval", "trackers", "resources"}),
+                ("model (entries of a list)", SubjectModel, "model[].", set()),
                 ("hook", HookConfig, "hook.", set()), ("data", DataConfig, "data.", {"text"}),
                 ("data.text", TextSpec, "data.text.", set()),
                 ("train", TrainConfig, "train.", _NOT_IN_TRAIN), ("eval", EvalConfig, "eval.", set()),

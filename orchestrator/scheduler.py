@@ -149,7 +149,8 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
     done = store.done(rid for rid in ids if rid not in broken)
     todo = [r for r in sweep.runs if r.run_id not in done]
     if todo:  # checked before anything is written
-        sweep.data.check_finite(echo)
+        for _, data in sweep.models.values():
+            data.check_finite(echo)
         ray = connect(address)
         need = process_resources(ray, sweep.spec)
         check_memory(ray, sweep, todo)
@@ -160,11 +161,15 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
     echo(f"sweep {sweep.spec.name}: {len(sweep.runs)} runs, {len(done)} already done -> {store.dir}")
     if not todo:
         return 0
-    sweep.data.prepare(echo)  # builds the activation cache once, here, for every worker
+    for model, (_, data) in sweep.models.items():  # builds each activation cache once, here, for every worker
+        if len(sweep.models) > 1:
+            echo(f"model {model}:")
+        data.prepare(echo)
     dashboard = getattr(ray.get_runtime_context(), "dashboard_url", None) or ""
     if dashboard:
         echo(f"Ray dashboard: http://{dashboard}")
-    spec_data = sweep.spec.model_dump(mode="json", exclude_unset=True)
+    # each pack's worker gets its model's single-model sweep (SweepSpec.per_model)
+    spec_data = {m: one.model_dump(mode="json", exclude_unset=True) for m, (one, _) in sweep.models.items()}
     threads = max(1, int(sweep.spec.resources.cpus))
     shards, replicas = sweep.spec.resources.layout
     root, cache = str(store.dir.parent), str(default_cache_root())
@@ -173,13 +178,13 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
         group = ray.remote(train_group).options(num_cpus=0, max_retries=sweep.spec.retries)
 
         def submit(pack):
-            return group.remote(spec_data, asdict(pack[0]), root, cache, threads, need, sweep.spec.retries)
+            return group.remote(spec_data[pack[0].model], asdict(pack[0]), root, cache, threads, need, sweep.spec.retries)
     else:
         packs = pack_runs(todo, sweep.spec.pack_size, need.get("memory"))
         remote = ray.remote(train_pack).options(**process_options(need), max_retries=sweep.spec.retries)
 
         def submit(pack):
-            return remote.remote(spec_data, [asdict(r) for r in pack], root, cache, threads)
+            return remote.remote(spec_data[pack[0].model], [asdict(r) for r in pack], root, cache, threads)
     waiting = list(packs)
     in_flight: dict = {}
     statuses: dict[str, str] = {}
@@ -218,6 +223,6 @@ def _record_failure(sweep: Sweep, pack: list[RunPlan], err: Exception, statuses:
     for run in pack:
         if run.run_id in finished:
             continue
-        row = run_row(sweep.spec, run, None, null_downstream("run failed"), now_utc(), reason)
+        row = run_row(sweep.of(run)[0], run, None, null_downstream("run failed"), now_utc(), reason)
         sweep.store.write_run(row)
         statuses[run.run_id] = "failed"

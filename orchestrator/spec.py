@@ -102,12 +102,23 @@ class Resources(BaseModel):
         return float(self.gpus) / (shards * replicas)
 
 
+class SubjectModel(BaseModel):
+    """One entry of a `model` list: the model and, where its depth differs from the others', its own hook."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str  # hub id, local folder or `embedded`
+    hook: HookConfig | None = None  # this model's hook (site, layers); None: the sweep's `hook`
+
+
 class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # the folder under the results root
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
-    model: str | None = None  # hub id (read from the local hub cache), local folder, or `embedded` (MiniLM)
+    # hub id (read from the local hub cache), local folder, or `embedded` (MiniLM). A list is a grid axis, one
+    # activation stream per model, each entry a name or {name, hook} (Gao et al. 2024, §3.5: L(N) per subject
+    # model size)
+    model: str | list[SubjectModel] | None = None
     hook: HookConfig = HookConfig()  # where in the model the activations are read
     data: DataConfig  # text, activation files or synthetic vectors; token budgets
     grid: dict[str, list[Any]]  # axes (lists of values) whose product is the sweep; axes listed below
@@ -125,6 +136,29 @@ class SweepSpec(BaseModel):
     # activation and token caches; None: $SAE_SCALING_CACHE or ~/.cache/sae-scaling. On a multi-node cluster,
     # storage every node can read (the driver builds the cache, the workers read it).
     cache_root: str | None = None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_entries(cls, model):
+        """A list's entries as SubjectModels (a bare name is {name}), each error naming its entry and key."""
+        if not isinstance(model, list):
+            return model
+        out = []
+        for i, entry in enumerate(model):
+            if isinstance(entry, str):
+                entry = {"name": entry}
+            if not isinstance(entry, dict):
+                raise ValueError(f"entry {i}: {entry!r} is neither a model name nor a mapping {{name, hook}}")
+            allowed = list(SubjectModel.model_fields)
+            extra = sorted(set(entry) - set(allowed))
+            if extra:
+                raise ValueError(f"entry {i}: unknown key {extra[0]!r}{_did_you_mean(extra[0], allowed)}; allowed: "
+                                 f"{', '.join(allowed)}")
+            try:
+                out.append(SubjectModel.model_validate(entry))
+            except ValidationError as err:
+                raise ValueError("; ".join(format_error_entry(e, f"entry {i}") for e in err.errors())) from None
+        return out
 
     @field_validator("grid", mode="before")
     @classmethod
@@ -206,12 +240,27 @@ class SweepSpec(BaseModel):
             if key not in SYNTHETIC_KEYS:
                 hint = " (set by data.eval_tokens)" if key == "n_eval" else _did_you_mean(key, SYNTHETIC_KEYS)
                 raise ValueError(f"data.synthetic.{key}: unknown key{hint}; allowed: {', '.join(SYNTHETIC_KEYS)}")
+        if isinstance(self.model, list):
+            names = [m.name for m in self.model]
+            if not names:
+                raise ValueError("model: an empty list; give a model name, or a list of at least one")
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"model: {', '.join(twice)} listed twice; each model once")
         if self.data.has_model and not self.model:
             raise ValueError("model: required with data.text (a hub id, a local folder, or `embedded`)")
         if not self.data.has_model and self.model:
             raise ValueError("model: give it with data.text only; data.activations / data.synthetic bring the "
                              "vectors themselves")
         return self
+
+
+    def per_model(self) -> list[SweepSpec]:
+        """One single-model sweep per entry of a `model` list, each with its own hook (itself when `model` is
+        not a list): everything below the sweep file (planning, workers, records) sees one model at a time."""
+        if not isinstance(self.model, list):
+            return [self]
+        return [self.model_copy(update={"model": m.name, "hook": m.hook or self.hook}) for m in self.model]
 
 
 def _did_you_mean(key: str, allowed: list[str]) -> str:

@@ -57,6 +57,8 @@ RUN_SCHEMA = {
     "ce_zero_ablation": pa.float64(), "ce_mean_ablation": pa.float64(), "ce_loss_score": pa.float64(),
     "downstream_tokens": pa.int64(), "downstream_null_reason": pa.string(),
     "probe_loss": pa.float64(), "probe_loss_baseline": pa.float64(),
+    "ablation_sparsity": pa.float64(), "ablation_sparsity_se": pa.float64(),
+    "ablation_sparsity_baseline": pa.float64(), "ablation_samples": pa.int64(),
     "config_json": pa.string(), "started_at": pa.timestamp("us", tz="UTC"), "finished_at": pa.timestamp("us", tz="UTC"),
 }
 # per-run tables besides runs/: the training curve, and every table the evaluation returns

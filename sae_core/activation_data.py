@@ -42,7 +42,9 @@ class HookConfig(BaseModel):
     # the residual stream before or after a block (post_ln: after the final LayerNorm), or the MLP's output
     site: Site = "resid_post"
     layers: list[int] | Literal["all"] = [0]  # one SAE per layer, unless multi_layer
-    multi_layer: bool = False  # one SAE over every hooked layer (Lawson et al.), else one per layer
+    # true: one SAE over every hooked layer (Lawson et al. 2024), false: one per layer; both: the multi-layer
+    # SAE and, beside it, one per layer with 1/L of its latents and vectors (equal total latents, same data)
+    multi_layer: bool | Literal["both"] = False
 
 
 class DataConfig(BaseModel):
@@ -196,7 +198,9 @@ class ActivationData:
 
     def run_layers(self) -> list[int | None]:
         """One entry per SAE a grid point trains: each layer, or None for one multi-layer SAE."""
-        return [None] if self.hook.multi_layer or not self.data.has_model else list(self.layers)
+        if not self.data.has_model or self.hook.multi_layer is True:
+            return [None]
+        return list(self.layers) + ([None] if self.hook.multi_layer == "both" else [])
 
     def source(self, layer: int | None, seed: int = 0) -> ActivationSource:
         """The training source of one run: one layer, or (None) every hooked layer for a multi-layer SAE."""

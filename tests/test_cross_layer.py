@@ -182,3 +182,66 @@ def test_cross_layer_figures_skip_a_sweep_without_multi_layer_runs(tmp_path):
     for fn in (F.fig_layer_spread, F.fig_adjacent_cosine):
         with pytest.raises(SkipFigure, match="no multi-layer SAE in the sweep"):
             fn(store.dir, runs)
+
+
+def test_multi_layer_both_plans_per_layer_saes_at_equal_total_latents_on_the_same_vectors(tmp_path):
+    import yaml
+
+    from orchestrator.plan import plan_sweep
+
+    spec = {"name": "both", "model": "embedded", "hook": {"site": "resid_post", "layers": [1, 2, 3],
+                                                          "multi_layer": "both"},
+            "data": {"text": {"embedded": True}, "train_tokens": 3000, "eval_tokens": 512},
+            "grid": {"arch": ["topk"], "n_latents": [96, 192], "k": [4], "lr": [1e-3]},
+            "overrides": {"topk": {"train_tokens": 9000}}}
+    path = tmp_path / "both.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    runs = plan_sweep(path, tmp_path / "results").runs
+    for n in (96, 192):
+        multi = [r for r in runs if r.layer is None and r.n_latents == n]
+        per = [r for r in runs if r.layer is not None and r.n_latents == n // 3]
+        assert len(multi) == 1 and sorted(r.layer for r in per) == [1, 2, 3]
+        assert multi[0].train["train_tokens"] == 9000 and {r.train["train_tokens"] for r in per} == {3000}
+        assert sum(r.n_latents for r in per) == multi[0].n_latents
+        assert {r.train["lr"] for r in per} == {1e-3}
+    # the multi-layer run is the one `multi_layer: true` plans (same id: a sweep switched to both keeps it)
+    spec["hook"]["multi_layer"] = True
+    path.write_text(yaml.safe_dump(spec))
+    alone = plan_sweep(path, tmp_path / "results").runs
+    assert {r.run_id for r in alone} == {r.run_id for r in runs if r.layer is None}
+
+
+def test_multi_vs_per_layer_pairs_each_multi_layer_sae_with_its_per_layer_saes(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from analysis import figures as F
+    from analysis.figures import SkipFigure
+    from analysis.results import load_layers, load_runs
+    from orchestrator.store import RUN_SCHEMA, ResultsStore
+
+    store = ResultsStore(tmp_path, "both")
+    store.save_spec("name: both\n")
+    base = {"sweep": "both", "status": "ok", "arch": "topk", "k": 2, "seed": 0, "d_in": 4, "l0": 2.0, "lr": 1e-3}
+    for n in (12, 48):
+        per_layer = {layer: 0.1 * (layer + 1) * 12 / n for layer in (0, 1, 2)}
+        rows = [{"layer": layer, "nmse": v / 2, "downstream_loss": v} for layer, v in per_layer.items()]
+        multi = {**base, "run_id": f"multi{n}", "n_latents": n, "layer": None, "nmse": 0.2 * 12 / n}
+        store.write_run({k: multi.get(k) for k in RUN_SCHEMA} | multi, tables={"layers": rows})
+        for layer, v in per_layer.items():
+            row = {**base, "run_id": f"per{n}_{layer}", "n_latents": n // 3, "layer": layer, "nmse": v / 4,
+                   "downstream_loss": v / 3}
+            store.write_run({k: row.get(k) for k in RUN_SCHEMA} | row)
+    runs, layers = load_runs(store.dir), load_layers(store.dir)
+    fig = F.fig_multi_vs_per_layer(layers, runs)
+    assert len(fig.axes) == 2  # nmse and downstream loss
+    multi = [ln for ln in fig.axes[0].get_lines() if ln.get_gid() == "multi_layer"]
+    per = [ln for ln in fig.axes[0].get_lines() if ln.get_gid() == "per_layer"]
+    assert len(multi) == len(per) == 2
+    assert list(multi[0].get_xdata()) == [0, 1, 2] and list(per[0].get_xdata()) == [0, 1, 2]
+    assert list(per[0].get_ydata()) == pytest.approx([0.025, 0.05, 0.075])  # n=12: the per-layer runs' nmse
+    assert list(multi[0].get_ydata()) == pytest.approx([0.05, 0.1, 0.15])  # the multi-layer run's layers table
+    assert "n=4 each" in per[0].get_label() and "over 3 layers, n=12" in multi[0].get_label()
+    plt.close(fig)
+    only_multi = runs[runs["layer"].isna()]
+    with pytest.raises(SkipFigure, match="multi_layer: both"):
+        F.fig_multi_vs_per_layer(layers, only_multi)

@@ -319,6 +319,21 @@ def test_a_new_architecture_reaches_fits_and_figures_through_its_class(data, mon
     assert any(t.startswith("newk L(n,k): ") for t in legend_texts(F.fig_lofn(runs).axes[0]))
 
 
+def test_ablation_sparsity_error_bars_per_family_and_the_channel_baseline(data):
+    runs = single_site(data[0])
+    runs = runs.assign(ablation_sparsity=0.5 / np.sqrt(runs.l0), ablation_sparsity_se=0.01,
+                       ablation_sparsity_baseline=0.6 + 0.01 * (runs.n_latents > 512))
+    fig = F.fig_ablation_sparsity(runs)
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if c.get_label() in ("topk", "relu")]
+    assert sorted(c.get_label() for c in bars) == ["relu", "topk"] and all(c.has_yerr for c in bars)
+    (base,) = lines(ax, "baseline")
+    assert base.get_ydata()[0] == pytest.approx(runs.ablation_sparsity_baseline.mean(), abs=0.01)
+    assert "residual channels (baseline)" in legend_texts(ax)
+    with pytest.raises(SkipFigure, match="no run has ablation_sparsity"):
+        F.fig_ablation_sparsity(runs.assign(ablation_sparsity=np.nan))
+
+
 # ---------------------------------------------------------------- skips
 
 def test_figures_skip_with_a_reason_when_data_lack_what_they_need(data):

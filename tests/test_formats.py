@@ -286,7 +286,8 @@ def test_peer_saes_imported_into_a_sweep_get_rows_figures_and_fits(tmp_path, cap
             "grid": {"arch": ["topk"], "n_latents": [32], "k": [4]}, "train": {"batch_size": 256, "init_samples": 256}}
     path = tmp_path / "imp.yaml"
     path.write_text(yaml.safe_dump(spec))
-    eval_x = plan_sweep(path, tmp_path / "results").data.source(None).eval_set()
+    sweep = plan_sweep(path, tmp_path / "results")
+    eval_x = sweep.of(sweep.runs[0])[1].source(None).eval_set()
     folders, want = [], {}
     for n, fmt in ((32, "sparsify"), (64, "saelens")):
         sae = SAE({"arch": "topk", "d_in": D, "n_latents": n, "k": 4, "normalization": "none"}, init_seed=n)

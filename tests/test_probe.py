@@ -83,7 +83,42 @@ def test_evaluate_run_adds_probe_columns_and_table(tiny_models):
     res = evaluate_run(sae, x, EvalConfig(recovery=False, refinement=False, probe=True), [1], evaluator(lm, tokens, excluded))
     rows = res.tables["probes"]
     assert rows and all(0.01 <= r["base_rate"] <= 0.99 and r["loss"] <= entropy(r["base_rate"]) + 1e-9 for r in rows)
+    assert all(r["level"] == "token" and r["source"] == "builtin" for r in rows)
     assert res.metrics["probe_loss"] == pytest.approx(np.mean([r["loss"] for r in rows]))
     assert res.metrics["probe_loss_baseline"] is not None
     off = evaluate_run(sae, x, EvalConfig(recovery=False, refinement=False, probe=True), [], None, "no model")
     assert off.metrics["probe_loss"] is None and off.tables["probes"] == []
+
+
+def test_probe_figure_draws_loss_vs_width_per_k_and_vs_l0_per_family_over_the_baseline():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from analysis.figures import SkipFigure, fig_probe
+
+    rows = []
+    for n in (256, 512, 1024):
+        for k in (8, 32):
+            rows.append({"run_id": f"t{n}_{k}", "arch": "topk", "n_latents": n, "k": k, "l0": float(k),
+                         "nmse": 0.1, "probe_loss": 0.3 - 0.01 * k / 8 - n / 1e4, "probe_loss_baseline": 0.35})
+        rows.append({"run_id": f"r{n}", "arch": "relu", "n_latents": n, "l1_coeff": 0.1, "l0": 50.0, "nmse": 0.2,
+                     "probe_loss": 0.32, "probe_loss_baseline": 0.35})
+    runs = pd.DataFrame(rows).assign(status="ok", lr=1e-3, seed=0)
+    fig = fig_probe(runs)
+    left, right = fig.axes[:2]
+    series = [ln for ln in left.get_lines() if ln.get_gid() == "series"]
+    assert len(series) == 3  # topk k=8, topk k=32, relu's best per width
+    k8 = next(ln for ln in series if "k=8" in ln.get_label())
+    assert list(k8.get_xdata()) == [256, 512, 1024]
+    assert list(k8.get_ydata()) == pytest.approx([0.3 - 0.01 - n / 1e4 for n in (256, 512, 1024)])
+    points = {ln.get_label(): ln for ln in right.get_lines() if ln.get_gid() == "points"}
+    assert set(points) == {"topk", "relu"} and list(points["topk"].get_xdata()) == [8, 32]
+    for ax in (left, right):
+        (base,) = [ln for ln in ax.get_lines() if ln.get_gid() == "baseline"]
+        assert list(base.get_ydata()) == [0.35, 0.35]
+    plt.close(fig)
+    with pytest.raises(SkipFigure, match="eval.probe off"):
+        fig_probe(runs.assign(probe_loss=None))

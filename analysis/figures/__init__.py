@@ -8,7 +8,8 @@ matplotlib Figure, or raises SkipFigure with a one-line reason when the data do 
 The modules: style (look, colors, axes, labels, saving), data (which rows and laws a figure draws), and the
 figures by what they show: scaling_laws, comparisons (of architecture families), training (curves, dead
 latents, layers), ladders (width ladders), latents (per-latent density and importance), cross_layer
-(multi-layer SAEs across layers), shrinkage (activation refinement, Gao et al. 2024, §5.1, Fig. 9).
+(multi-layer SAEs across layers), shrinkage (activation refinement, Gao et al. 2024, §5.1, Fig. 9), probes
+(probe loss, §4.2), ablation (sparsity of ablation effects, Gao et al. 2024, §4.5).
 
 Conventions shared by every figure:
 - runs with status "ok" only (curves: every run that has a runs row);
@@ -37,23 +38,32 @@ matplotlib.use("Agg")  # before pyplot is first imported (here or by the submodu
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from analysis.figures.ablation import fig_ablation_sparsity  # noqa: E402
 from analysis.figures.comparisons import fig_downstream, fig_frontier, fig_recovery  # noqa: E402
-from analysis.figures.cross_layer import fig_adjacent_cosine, fig_layer_spread  # noqa: E402
+from analysis.figures.cross_layer import fig_adjacent_cosine, fig_layer_spread, fig_multi_vs_per_layer  # noqa: E402
 from analysis.figures.data import Fits, SkipFigure  # noqa: E402
 from analysis.figures.ladders import fig_width_ladder  # noqa: E402
 from analysis.figures.latents import fig_latent_density  # noqa: E402
-from analysis.figures.scaling_laws import fig_loc, fig_lofn, fig_lr, fig_nmse_vs_n  # noqa: E402
+from analysis.figures.probes import fig_probe  # noqa: E402
+from analysis.figures.scaling_laws import (  # noqa: E402
+    fig_loc,
+    fig_lofn,
+    fig_lr,
+    fig_nmse_vs_n,
+    fig_subject_models,
+)
 from analysis.figures.shrinkage import fig_shrinkage  # noqa: E402
 from analysis.figures.style import ARCH_COLORS, STYLE, save_figure  # noqa: E402
 from analysis.figures.training import fig_curves, fig_dead, fig_layers  # noqa: E402
-from analysis.results import load_curves, load_layers, load_recovery, load_runs  # noqa: E402
+from analysis.results import Sweeps, load_curves, load_layers, load_recovery, load_runs, sweep_dirs  # noqa: E402
 from analysis.sweep_fits import sweep_fits, with_convergence  # noqa: E402
 from sae_core.errors import DataError  # noqa: E402
 
 __all__ = ["SkipFigure", "STYLE", "ARCH_COLORS", "FIGURES", "render_all", "save_figure", "fig_loc", "fig_lofn",
            "fig_frontier", "fig_nmse_vs_n", "fig_lr", "fig_downstream", "fig_dead", "fig_recovery", "fig_curves",
            "fig_layers", "fig_width_ladder", "fig_latent_density",
-           "fig_layer_spread", "fig_adjacent_cosine", "fig_shrinkage"]
+           "fig_layer_spread", "fig_adjacent_cosine", "fig_shrinkage", "fig_ablation_sparsity", "fig_subject_models",
+           "fig_multi_vs_per_layer", "fig_probe"]
 
 FIGURES: dict[str, Callable[..., Figure]] = {
     "loc": fig_loc,
@@ -61,28 +71,36 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "frontier": fig_frontier,
     "nmse_vs_n": fig_nmse_vs_n,
     "lr": fig_lr,
+    "subject_models": fig_subject_models,
     "downstream": fig_downstream,
     "dead": fig_dead,
     "recovery": fig_recovery,
     "shrinkage": fig_shrinkage,
+    "probe": fig_probe,
+    "ablation_sparsity": fig_ablation_sparsity,
     "curves": fig_curves,
     "layers": fig_layers,
     "width_ladder": fig_width_ladder,
     "latent_density": fig_latent_density,
     "layer_spread": fig_layer_spread,
     "adjacent_cosine": fig_adjacent_cosine,
+    "multi_vs_per_layer": fig_multi_vs_per_layer,
 }
 
 
-def render_all(sweep_dir: str | Path, out_dir: str | Path | None = None, names: list[str] | None = None,
+def render_all(sweep_dir: Sweeps, out_dir: str | Path | None = None, names: list[str] | None = None,
                fits: Fits | None = None, all_runs: bool = False) -> list[tuple[str, list[Path] | None, str | None]]:
     """Every figure of FIGURES (or `names`) the sweep's data support, saved as <out_dir>/<name>.png and .pdf
     (default out_dir: <sweep_dir>/figures). The tables are loaded once; the laws drawn are `fits`, else the
     sweep's fits.json (fitted and written first when missing or stale: analysis.sweep_fits.sweep_fits).
     Returns (name, paths, None) for each figure written and (name, None, reason) for each skipped. Every
-    figure is closed. all_runs: also the rows of grid points since removed from the sweep."""
-    sweep_dir = Path(sweep_dir)
-    out = Path(out_dir) if out_dir is not None else sweep_dir / "figures"
+    figure is closed. all_runs: also the rows of grid points since removed from the sweep. Several sweep
+    folders are drawn together (analysis.results.load_table) into `out_dir`, which must then be given."""
+    dirs = sweep_dirs(sweep_dir)
+    sweep_dir = dirs[0] if len(dirs) == 1 else dirs
+    if out_dir is None and len(dirs) > 1:
+        raise DataError("figures of several sweeps: give the folder to write them to (--out)")
+    out = Path(out_dir) if out_dir is not None else dirs[0] / "figures"
     runs, curves = load_runs(sweep_dir, all_runs), load_curves(sweep_dir, all_runs)
     if fits is None and not runs.empty:
         fits = sweep_fits(sweep_dir, all_runs)

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.figures.data import SkipFigure, ok_runs
-from analysis.figures.style import add_legend, fmt_value, n_label, paper_figure, sequential_colors, subplots
+from analysis.figures.data import SkipFigure, at_best_lr, downstream_label, ok_runs
+from analysis.figures.style import NMSE, add_legend, fmt_value, n_label, paper_figure, sequential_colors, subplots
 from analysis.results import load_table
 from analysis.selection import SPARSITY_KEYS, numeric
 
@@ -109,4 +109,56 @@ def fig_adjacent_cosine(sweep_dir: str | Path, runs: pd.DataFrame) -> Figure:
     if len(drawn) > 1:
         add_legend(ax)
     ax.set_title("residual stream: adjacent-layer cosine similarity")
+    return fig
+
+
+def _counterparts(d: pd.DataFrame, multi: pd.Series, n_layers: int) -> pd.DataFrame:
+    """The per-layer runs trained beside a multi-layer run by hook.multi_layer `both`: same family, sparsity,
+    seed and model, 1/L of its latents, one per layer."""
+    same = d["layer"].notna() & d["family"].eq(multi["family"]) & d["n_latents"].eq(round(multi["n_latents"] / n_layers))
+    for c in ("model", "seed", *SPARSITY_KEYS):
+        if c in d and pd.notna(multi.get(c)):
+            same &= d[c].eq(multi[c])
+    return d[same].sort_values("layer").drop_duplicates("layer")
+
+
+@paper_figure
+def fig_multi_vs_per_layer(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure:
+    """Lawson et al. 2024's comparison at equal total latents: per layer, the nmse (and the downstream loss of
+    splicing at that layer, where measured) of one multi-layer SAE with n latents (solid) and of the L per-layer
+    SAEs of n / L latents trained beside it on the same vectors (dashed; hook.multi_layer `both`), one colour per
+    pair; the legend gives each side's mean over layers."""
+    if layers is None or layers.empty or "run_id" not in layers:
+        raise SkipFigure(f"no per-layer table ({NO_MULTI_LAYER})")
+    d = ok_runs(runs, ("nmse",))
+    d, _ = at_best_lr(d)
+    d["layer"] = numeric(d, "layer")
+    lay = layers.copy()
+    for c in ("layer", "nmse", "downstream_loss"):
+        lay[c] = numeric(lay, c)
+    pairs = []
+    for _, multi in d[d["layer"].isna() & d["run_id"].isin(lay["run_id"])].sort_values("n_latents").iterrows():
+        mine = lay[lay["run_id"] == multi["run_id"]].sort_values("layer")
+        per = _counterparts(d, multi, len(mine))
+        if len(per) == len(mine) and set(per["layer"]) == set(mine["layer"]):
+            pairs.append((multi, mine, per))
+    if not pairs:
+        raise SkipFigure("no multi-layer SAE has per-layer SAEs of 1/L its latents beside it (hook.multi_layer: both)")
+    panels = [("nmse", NMSE)]
+    if all(p[1]["downstream_loss"].notna().all() and p[2]["downstream_loss"].notna().all() for p in pairs):
+        panels.append(("downstream_loss", downstream_label(d)))
+    fig, axes = subplots(len(panels))
+    for (multi, mine, per), color in zip(pairs, sequential_colors(len(pairs))):
+        n, n_layers = multi["n_latents"], len(mine)
+        for ax, (y, _) in zip(axes, panels):
+            ax.plot(mine["layer"], mine[y], marker="o", color=color, gid="multi_layer",
+                    label=f"one SAE over {n_layers} layers, n={n_label(n)} (mean {mine[y].mean():.3g})")
+            ax.plot(per["layer"], per[y], marker="s", ls="--", color=color, gid="per_layer",
+                    label=f"{n_layers} SAEs, n={n_label(n / n_layers)} each (mean {per[y].mean():.3g})")
+    for ax, (_, ylabel) in zip(axes, panels):
+        ax.set_xlabel("layer")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        add_legend(ax)
+    fig.suptitle("multi-layer vs per-layer SAEs at equal total latents")
     return fig

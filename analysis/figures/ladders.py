@@ -3,7 +3,6 @@ from the decoders of SAEs that differ only in width."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +11,7 @@ from matplotlib.figure import Figure
 
 from analysis.figures.data import SkipFigure
 from analysis.figures.style import add_legend, key_label, n_label, paper_figure, sequential_colors, subplots
+from analysis.results import Sweeps, sae_dir, saes_where
 from analysis.selection import width_ladders
 from sae_core.errors import DataError
 from sae_core.evaluation.width_ladder import decoder_max_cosine
@@ -21,7 +21,7 @@ THRESHOLD = 0.7  # Leask et al.: a latent of the larger SAE with max cosine belo
 MAX_LADDERS = 6
 
 
-def _ladder_panels(saes_dir: Path, ladders: list[tuple[dict, pd.DataFrame]]) -> tuple[list, int]:
+def _ladder_panels(sweep_dir: Sweeps, ladders: list[tuple[dict, pd.DataFrame]]) -> tuple[list, int]:
     """Per ladder with two loadable SAEs of the same d_in: its title and, per pair of consecutive widths, (small
     n, large n, each large latent's max cosine to the small SAE's); and how many SAE folders failed to load."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,7 +30,7 @@ def _ladder_panels(saes_dir: Path, ladders: list[tuple[dict, pd.DataFrame]]) -> 
         decs = []
         for _, run in rows.iterrows():
             try:
-                sae = SAE.load(saes_dir / str(run["run_id"]), device=device)
+                sae = SAE.load(sae_dir(sweep_dir, str(run["run_id"])), device=device)
                 decs.append((int(run["n_latents"]), sae.net.W_dec.detach()))
             except DataError:
                 missing += 1
@@ -44,7 +44,7 @@ def _ladder_panels(saes_dir: Path, ladders: list[tuple[dict, pd.DataFrame]]) -> 
 
 
 @paper_figure
-def fig_width_ladder(sweep_dir: str | Path, runs: pd.DataFrame) -> Figure:
+def fig_width_ladder(sweep_dir: Sweeps, runs: pd.DataFrame) -> Figure:
     """Leask et al. Fig. 7: for each width ladder (analysis.selection.width_ladders: SAEs of the same arch,
     sparsity, layer and seed, each at its best lr, differing in width) and each pair of consecutive widths,
     the histogram over the larger SAE's latents of their max decoder cosine to the smaller SAE's latents;
@@ -53,11 +53,10 @@ def fig_width_ladder(sweep_dir: str | Path, runs: pd.DataFrame) -> Figure:
     ladders = width_ladders(runs) if runs is not None and not runs.empty else []
     if not ladders:
         raise SkipFigure("no two ok SAEs differ only in n_latents (same architecture, sparsity, layer and seed)")
-    saes_dir = Path(sweep_dir) / "saes"
-    panels, missing = _ladder_panels(saes_dir, ladders)
+    panels, missing = _ladder_panels(sweep_dir, ladders)
     if not panels:
         raise SkipFigure("no family has two loadable SAEs with the same d_in"
-                         + (f" ({missing} SAE folders missing under {saes_dir})" if missing else ""))
+                         + (f" ({missing} SAE folders missing under {saes_where(sweep_dir)})" if missing else ""))
     shown = panels[:MAX_LADDERS]
     ncols = min(3, len(shown))
     fig, axes = subplots(ncols, math.ceil(len(shown) / ncols), sharex=True)

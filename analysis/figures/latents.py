@@ -2,8 +2,6 @@
 importances are spread, read from the latent_stats.safetensors each run saves beside its SAE."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -18,6 +16,7 @@ from analysis.figures.style import (
     subplots,
     title_with_notes,
 )
+from analysis.results import Sweeps, sae_dir, saes_where
 from sae_core.errors import DataError
 from sae_core.sae_files import LATENT_STATS_FILE, load_latent_stats
 
@@ -27,11 +26,11 @@ BINS = 40
 PANELS = (("frequency", "log10 latent density"), ("mean_sq_activation", "log10 latent importance E[z²]"))
 
 
-def _stats(saes_dir: Path, rows: pd.DataFrame) -> list[tuple[float, dict]]:
+def _stats(sweep_dir: Sweeps, rows: pd.DataFrame) -> list[tuple[float, dict]]:
     """(n_latents, its latent stats) of each run whose SAE folder holds a readable stats file."""
     out = []
     for _, run in rows.sort_values(["n_latents", "run_id"]).iterrows():
-        path = saes_dir / str(run["run_id"]) / LATENT_STATS_FILE
+        path = sae_dir(sweep_dir, str(run["run_id"])) / LATENT_STATS_FILE
         if not path.is_file():
             continue
         try:
@@ -42,7 +41,7 @@ def _stats(saes_dir: Path, rows: pd.DataFrame) -> list[tuple[float, dict]]:
 
 
 @paper_figure
-def fig_latent_density(sweep_dir: str | Path, runs: pd.DataFrame) -> Figure:
+def fig_latent_density(sweep_dir: Sweeps, runs: pd.DataFrame) -> Figure:
     """Gao et al. Fig. 19: histograms over latents of log10 density (close to Gaussian) and of log10 E[z²]
     (more like a Laplace distribution), one line per TopK run at the sweep's most common k, colored by width.
     Latents that never fire (density 0) have no log and are left out, counted in the legend; each histogram
@@ -55,10 +54,9 @@ def fig_latent_density(sweep_dir: str | Path, runs: pd.DataFrame) -> Figure:
         raise SkipFigure("no ok TopK run")
     counts = d["k"].value_counts()
     k = sorted(counts.index, key=lambda v: (-counts[v], v))[0]
-    saes_dir = Path(sweep_dir) / "saes"
-    stats = _stats(saes_dir, d[d["k"] == k])
+    stats = _stats(sweep_dir, d[d["k"] == k])
     if not stats:
-        raise SkipFigure(f"no TopK run at {key_label('k', k)} has {LATENT_STATS_FILE} under {saes_dir}")
+        raise SkipFigure(f"no TopK run at {key_label('k', k)} has {LATENT_STATS_FILE} under {saes_where(sweep_dir)}")
     widths = sorted({n for n, _ in stats})
     colors = dict(zip(widths, sequential_colors(len(widths))))
     fig, axes = subplots(2)

@@ -39,7 +39,7 @@ from analysis.figures.style import (
     title_with_notes,
 )
 from analysis.fits import Fit, loc_frontier
-from analysis.selection import SPARSITY_KEYS, l0_set_by_k, numeric, sparsity_key
+from analysis.selection import SPARSITY_KEYS, l0_set_by_k, numeric, series, sparsity_key
 from analysis.sweep_fits import CURVE_START
 
 # ---------------------------------------------------------------- L(C)
@@ -259,5 +259,56 @@ def fig_lr(runs: pd.DataFrame, fits: Fits | None = None) -> Figure:
     ax.set_xlabel("learning rate")
     ax.set_ylabel(NMSE)
     title_with_notes(ax, "NMSE vs learning rate (labels: training tokens)", note)
+    add_legend(ax, outside=True)
+    return fig
+
+
+# ---------------------------------------------------------------- subject model size
+
+@paper_figure
+def fig_subject_models(runs: pd.DataFrame, fits: Fits | None = None) -> Figure:
+    """Gao et al. 2024, §3.5 (subject model size): L(N) of one family and sparsity value for each subject model
+    in one plot, each model's fitted exponent in the legend. Needs several models: a sweep whose `model` is a
+    list, or `sae-scaling figures` over sweeps of different models. Per model, the site (hook, layer) with the
+    most runs; the family and sparsity value shown is the one the most models have at >= 2 widths."""
+    d = ok_runs(runs, ("nmse",))
+    if "model" not in d or d["model"].nunique(dropna=True) < 2:
+        raise SkipFigure("one subject model; the figure compares several (a `model` list in the sweep, or "
+                         "`sae-scaling figures` over sweeps of different models)")
+    d, dropped = at_best_lr(d)
+    by_what: dict[tuple, dict] = {}
+    for s in series(d):
+        if s.rows["n_latents"].nunique() < 2:
+            continue
+        model = s.group.get("model")
+        mine = by_what.setdefault((s.family, s.key, s.value), {})
+        if model not in mine or len(s.rows) > len(mine[model].rows):
+            mine[model] = s
+    if not by_what:
+        raise SkipFigure("no model has a series (architecture, sparsity value) with at least 2 widths")
+    (family, key, value), per_model = max(
+        by_what.items(), key=lambda kv: (len(kv[1]), sum(len(s.rows) for s in kv[1].values())))
+    if len(per_model) < 2:
+        raise SkipFigure("no architecture and sparsity value has at least 2 widths for 2 or more models")
+    laws = sweep_laws(fits, runs)
+    fig, (ax,) = subplots()
+    for (model, s), color in zip(sorted(per_model.items(), key=lambda kv: str(kv[0])),
+                                 sequential_colors(len(per_model))):
+        n, y = by_n(s.rows, "nmse")
+        ax.plot(n, y, ls="none", marker=arch_marker(family), color=color, gid="points")
+        fit, why = law_of(laws, "lofn", s.group)
+        if fit is None:
+            ax.plot(n, y, color=color, lw=0.8, alpha=0.6, gid="guide", label=f"{model} (no fit: {why})")
+            continue
+        lo, hi = fit.ci.get("b", (np.nan, np.nan))
+        x = grid(n.min(), n.max())
+        ax.plot(x, fit.predict(n_latents=x), color=color, gid="fit",
+                label=f"{model}: exponent {fit.params['b']:.3f} [{lo:.3f}, {hi:.3f}]")
+    log2_axis(ax.xaxis, values=d["n_latents"])
+    ax.set_yscale("log")
+    ax.set_xlabel("n_latents")
+    ax.set_ylabel(f"{NMSE} (end of training)")
+    what = " ".join(p for p in (family, "" if key is None else key_label(key, value)) if p)
+    title_with_notes(ax, f"L(N) per subject model ({what})", lr_note(dropped))
     add_legend(ax, outside=True)
     return fig

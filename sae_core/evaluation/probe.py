@@ -1,9 +1,12 @@
-"""Probe loss (Gao et al. 2024, §4): how well the single best latent predicts a binary token-level task.
+"""Probe loss (Gao et al. 2024, §4): how well the single best latent predicts a binary task, of tokens (the
+built-in tasks, probe_tasks.py, and the user's token-level ones) or of sequences (the user's, each latent's
+value for a sequence its maximum over the tokens; probe_datasets.py).
 
-For labels y over N token positions and latent values Z [N, n], every latent i gets a 1-D logistic regression
-σ(w·z_i + b), fitted by Newton's method as in the paper; the probe loss of the task is the smallest mean binary
-cross-entropy over latents. The fit is in-sample on the same positions (a 2-parameter model on thousands of
-positions: the optimism of taking the best of n latents is small next to the differences between SAEs).
+For labels y over N token positions (or sequences) and latent values Z [N, n], every latent i gets a 1-D
+logistic regression σ(w·z_i + b), fitted by Newton's method as in the paper; the probe loss of the task is the
+smallest mean binary cross-entropy over latents. The fit is in-sample on the same positions (a 2-parameter model
+on thousands of positions: the optimism of taking the best of n latents is small next to the differences between
+SAEs).
 
 - each latent is standardised (mean 0, std 1 over the positions) before fitting, so the light L2 penalty on w
   (`l2`, in standardised units) means the same for every latent whatever its scale; it keeps w finite when a
@@ -17,10 +20,15 @@ positions: the optimism of taking the best of n latents is small next to the dif
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from sae_core.evaluation.probe_datasets import ProbeSet, ProbeTaskSpec, load_task
+from sae_core.evaluation.probe_tasks import task_labels, usable
+from sae_core.lm import ActivationExtractor
 
 _MAX_ELEMENTS = 1 << 22  # positions x latents per chunk: at most this many nonzeros held as (row, column, value)
 
@@ -135,38 +143,81 @@ def fit_probes(z: torch.Tensor, y: torch.Tensor, l2: float = 1e-4, max_iter: int
 PROBE_COLUMNS = ("probe_loss", "probe_loss_baseline")
 
 
-@torch.no_grad()
-def evaluate_probes(sae, downstream, layer: int, n_tokens: int = 4096) -> tuple[dict, list[dict]]:
-    """The probe columns (means over the usable built-in tasks, sae_core.evaluation.probe_tasks) and the
-    per-task table, on the first `n_tokens` held-out positions of `downstream` (a DownstreamEval) at `layer`.
-    The baseline probes each coordinate of the SAE's normalised input: it depends only on the positions,
-    the layer and the normalisation, so it is fitted once per evaluator and reused by every run."""
-    from sae_core.evaluation.probe_tasks import task_labels, usable
-    from sae_core.lm import ActivationExtractor
-
+def _builtin_set(downstream, n_tokens: int) -> ProbeSet:
+    """The built-in token tasks on the first `n_tokens` held-out positions."""
     tokens, keep = downstream.tokens, downstream.positions
     end = int(torch.searchsorted(keep.sum(dim=1).cumsum(0), n_tokens)) + 1  # the first rows holding n_tokens
-    tokens, keep = tokens[:end], keep[:end]
-    labels = {k: torch.from_numpy(v[:n_tokens])
+    tokens, keep = tokens[:end], keep[:end].clone()
+    keep &= (keep.reshape(-1).cumsum(0) <= n_tokens).reshape(keep.shape)
+    labels = {k: torch.from_numpy(v).float()
               for k, v in usable(task_labels(downstream.lm.tokenizer, tokens.numpy(), keep.numpy())).items()}
-    if not labels:
-        return dict.fromkeys(PROBE_COLUMNS), []
+    return ProbeSet("builtin", "builtin", "token", tokens, keep, labels)
+
+
+def _probe_sets(downstream, n_tokens: int, tasks: tuple[ProbeTaskSpec, ...], builtin: bool) -> list[ProbeSet]:
+    """The built-in set and each user task's, read and tokenised once per evaluator."""
+    cache = downstream.__dict__.setdefault("_probe_sets", {})
+    if (n_tokens, tasks, builtin) not in cache:
+        # the held-out rows' leading positions excluded in every row: data.drop_first (and a row-start token)
+        drop_first = int((~downstream.positions).all(dim=0).int().cumprod(0).sum())
+        sets = [_builtin_set(downstream, n_tokens)] if builtin else []
+        sets += [load_task(spec, downstream.lm.tokenizer, downstream.tokens.shape[1], drop_first, n_tokens)
+                 for spec in tasks]
+        cache[n_tokens, tasks, builtin] = [s for s in sets if s.labels]
+    return cache[n_tokens, tasks, builtin]
+
+
+def _pool(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Each row's maximum [n_rows, k] of values [n, k], whose positions lie in `rows`."""
+    out = torch.full((n_rows, values.shape[1]), -math.inf)
+    return out.scatter_reduce_(0, rows[:, None].expand_as(values), values, "amax")
+
+
+def _features(sae, downstream, layer: int, probe_set: ProbeSet, with_inputs: bool):
+    """The SAE's latents (and, with_inputs, its normalised input) on the CPU, [n, k] at the probed positions in
+    row-major order, or for a sequence task [rows, k], each row's maximum over its positions. A batch of rows at
+    a time: a sequence task's site vectors and per-token latents are never held whole."""
     extract = ActivationExtractor(downstream.lm.model, downstream.site, [layer])
-    acts = torch.cat([extract(tokens[lo:lo + downstream.batch_rows].to(downstream.device))[0]
-                      [keep[lo:lo + downstream.batch_rows].to(downstream.device)]
-                      for lo in range(0, len(tokens), downstream.batch_rows)])[:n_tokens].float()
     device = sae.net.W_dec.device
-    latents = torch.cat([sae.encode(acts[lo:lo + 1024].to(device)).float().cpu() for lo in range(0, len(acts), 1024)])
+    fns = [sae.encode] + ([lambda x: sae.normalize(x)[0]] if with_inputs else [])
+    parts = [[] for _ in fns]
+    for lo in range(0, len(probe_set.tokens), downstream.batch_rows):
+        rows = slice(lo, lo + downstream.batch_rows)
+        keep = probe_set.keep[rows]
+        if not bool(keep.any()):  # only token rows can be wholly excluded (sequence rows are checked non-empty)
+            continue
+        mask = None if probe_set.attention is None else probe_set.attention[rows].to(downstream.device)
+        acts = extract(probe_set.tokens[rows].to(downstream.device), mask)[0][keep.to(downstream.device)].float()
+        for fn, out in zip(fns, parts):
+            values = torch.cat([fn(acts[i:i + 1024].to(device)).float().cpu() for i in range(0, len(acts), 1024)])
+            out.append(values if probe_set.level == "token" else _pool(values, keep.nonzero()[:, 0], len(keep)))
+    latents, *inputs = [torch.cat(p) for p in parts]
+    return latents, inputs[0] if inputs else None
+
+
+@torch.no_grad()
+def evaluate_probes(sae, downstream, layer: int, n_tokens: int = 4096, tasks: Sequence[ProbeTaskSpec] = (),
+                    builtin: bool = True) -> tuple[dict, list[dict]]:
+    """The probe columns (means over every usable task: the built-in token tasks of
+    sae_core.evaluation.probe_tasks on the first `n_tokens` held-out positions of `downstream` (a
+    DownstreamEval), unless `builtin` is off, and the user's `tasks`, sae_core.evaluation.probe_datasets) and
+    the per-task table, at `layer`. The baseline probes each coordinate of the SAE's normalised input (pooled
+    like the latents): it depends only on the task, the layer and the normalisation, so it is fitted once per
+    evaluator and reused by every run."""
     cache = downstream.__dict__.setdefault("_probe_baselines", {})
-    key = (layer, sae.cfg.normalization, n_tokens)
-    if key not in cache:
-        inputs = sae.normalize(acts.to(device))[0].float().cpu()
-        cache[key] = {name: fit_probes(inputs, y) for name, y in labels.items()}
     rows = []
-    for name, y in labels.items():
-        fit, base = fit_probes(latents, y), cache[key][name]
-        rows.append({"task": name, "base_rate": float(y.float().mean()), "loss": fit.loss,
-                     "baseline": base.loss, "best_latent": fit.best})
+    for probe_set in _probe_sets(downstream, n_tokens, tuple(tasks), builtin):
+        key = (layer, sae.cfg.normalization, n_tokens, probe_set.key)
+        latents, inputs = _features(sae, downstream, layer, probe_set, key not in cache)
+        if key not in cache:
+            cache[key] = {name: fit_probes(inputs, y) for name, y in probe_set.labels.items()}
+        for name, y in probe_set.labels.items():
+            fit, base = fit_probes(latents, y), cache[key][name]
+            rows.append({"task": name, "level": probe_set.level, "source": probe_set.source,
+                         "base_rate": float(y.mean()), "loss": fit.loss, "baseline": base.loss,
+                         "best_latent": fit.best})
+    if not rows:
+        return dict.fromkeys(PROBE_COLUMNS), []
     metrics = {"probe_loss": math.fsum(r["loss"] for r in rows) / len(rows),
                "probe_loss_baseline": math.fsum(r["baseline"] for r in rows) / len(rows)}
     return metrics, rows

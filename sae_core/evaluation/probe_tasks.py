@@ -18,7 +18,9 @@ Base rates measured on the quickstart data (embedded MiniLM, uncased, so its tok
 4130 held-out positions of the rows holding eval.probe_tokens = 4096 of the embedded docstring corpus):
 digit 4.6%, capitalised 0.0% (skipped), python_keyword 9.0%, punctuation 29.4%, doctest 9.6%.
 
-User-supplied tasks (a JSONL or parquet of {text, label}) are not yet supported.
+User-supplied tasks, token- or sequence-level, come from `eval.probe_tasks` (sae_core.evaluation.probe_datasets).
+There is no built-in sequence-level task: the embedded corpus keeps each docstring's text alone, not the module
+it comes from, so a "which package" label cannot be derived from it.
 """
 from __future__ import annotations
 

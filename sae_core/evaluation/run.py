@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from sae_core.evaluation import recovery
+from sae_core.evaluation.ablation import ABLATION_COLUMNS, evaluate_ablation
 from sae_core.evaluation.cross_layer import evaluate_cross_layer
 from sae_core.evaluation.downstream import (
     DownstreamEval,
@@ -22,6 +23,7 @@ from sae_core.evaluation.downstream import (
     zeros,
 )
 from sae_core.evaluation.probe import PROBE_COLUMNS, evaluate_probes
+from sae_core.evaluation.probe_datasets import ProbeTaskSpec
 from sae_core.evaluation.reconstruction import evaluate
 from sae_core.evaluation.refinement import refine
 from sae_core.sae import SAE
@@ -48,10 +50,33 @@ class EvalConfig(BaseModel):
     # cost of L1 families' large active sets
     refinement_max_active: int = Field(128, ge=1)
     # probe loss (Gao et al. 2024, §4): the best single latent's 1-D logistic regression loss on built-in
-    # token tasks, and the same over the input's coordinates (needs the model; multi-layer SAEs: first layer).
-    # Off until its cost per run is measured
-    probe: bool = False
-    probe_tokens: int = Field(4096, ge=1)  # held-out positions probed (the first ones)
+    # token tasks and the user's probe_tasks, and the same over the input's coordinates (needs the model;
+    # multi-layer SAEs: first layer). About 1 s per run at the quickstart's sizes (2 CPU cores), and 2-3 s
+    # once per worker for the input's baseline
+    probe: bool = True
+    # held-out positions probed by the built-in tasks (the first ones); at most this many tokens per token-level
+    # user task
+    probe_tokens: int = Field(4096, ge=1)
+    probe_builtin: bool = True  # run the built-in tasks (sae_core/evaluation/probe_tasks.py)
+    # user tasks: name, path (.jsonl/.csv/.parquet) or dataset (+ split), text_column, label_column,
+    # level (token | sequence), max_examples; see docs/metrics.md, Probe loss
+    probe_tasks: list[ProbeTaskSpec] = []
+    # sparsity of ablation effects (Gao et al. 2024, §4.5): ablate one latent at one position and measure how
+    # concentrated the change of the model's next `ablation_window` outputs is, on a seeded subsample of
+    # (latent, position) pairs, beside residual-channel ablations (needs the model; multi-layer SAEs: first
+    # layer). Off by default: it adds two forwards of a row per sample
+    ablation: bool = False
+    ablation_latents: int = Field(32, ge=1)  # latents sampled (uniformly among those active on held-out positions)
+    ablation_positions: int = Field(4, ge=1)  # positions sampled per latent (among those where it is active)
+    ablation_window: int = Field(16, ge=1)  # T: outputs at t..t+T-1 measured, t the ablated position (paper: 16)
+
+    @field_validator("probe_tasks")
+    @classmethod
+    def _unique_task_names(cls, tasks: list[ProbeTaskSpec]) -> list[ProbeTaskSpec]:
+        names = [t.name for t in tasks]
+        if len(set(names)) < len(names):
+            raise ValueError(f"task names must be unique (got {', '.join(names)})")
+        return tasks
 
 
 # the per-run tables an evaluation may return, each written as results/<sweep>/<table>/<run_id>.parquet;
@@ -153,8 +178,15 @@ def evaluate_run(sae: SAE, eval_x: torch.Tensor, cfg: EvalConfig, layers: list[i
     # probe loss (probe.py): on the SAE's first hooked layer, so a multi-layer SAE is probed where it starts
     probe_metrics, tables["probes"] = dict.fromkeys(PROBE_COLUMNS), []
     if cfg.probe and downstream is not None and layers:
-        probe_metrics, tables["probes"] = evaluate_probes(sae, downstream, layers[0], cfg.probe_tokens)
+        probe_metrics, tables["probes"] = evaluate_probes(sae, downstream, layers[0], cfg.probe_tokens,
+                                                          cfg.probe_tasks, cfg.probe_builtin)
     metrics = {**metrics, **probe_metrics}
+    # ablation sparsity (ablation.py): at the first hooked layer too, as the probe
+    if cfg.ablation and downstream is not None and layers:
+        metrics.update(evaluate_ablation(sae, downstream, layers[0], cfg.ablation_latents, cfg.ablation_positions,
+                                         cfg.ablation_window))
+    else:
+        metrics.update(dict.fromkeys(ABLATION_COLUMNS))
     return RunEvaluation(metrics, tables)
 
 
