@@ -1,7 +1,7 @@
 """`sae-scaling predict`: the fitted laws at a size or compute the sweep did not train, with 95% intervals, the
 extrapolation factor, and the best lr from the lr law (analysis/predict.py)."""
 import pytest
-from test_sweep_fits import A, B, C, LRS, NS, sweep  # noqa: F401  (the fixture)
+from test_sweep_fits import LRS, NS, A, B, C, sweep  # noqa: F401  (the fixture)
 
 from analysis.predict import predict
 from analysis.sweep_fits import sweep_fits
