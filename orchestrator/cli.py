@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--all", action="store_true", help=ALL_HELP)
     figures.set_defaults(func=_figures)
 
-    pred = sub.add_parser("predict", help="the fitted laws' predictions at a new size or compute, with 95% intervals; "
+    pred = sub.add_parser("predict", help="the fitted laws' predictions at a new size or compute, with 95%% intervals; "
                                           "the best lr at that size")
     pred.add_argument("sweep_dir", nargs="+", help="results/<sweep name> (several: their runs fitted together)")
     pred.add_argument("--n-latents", type=_positive_int, help="width: L(N), L(n, k) and the lr law")

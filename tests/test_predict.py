@@ -47,3 +47,15 @@ def test_predict_refuses_a_bad_width(sweep, capsys, value):  # noqa: F811
     with pytest.raises(SystemExit) as exit_:
         main(["predict", str(sweep.dir), "--n-latents", value])
     assert exit_.value.code == 2 and "allowed: a positive" in capsys.readouterr().err
+
+
+def test_every_command_prints_its_help(capsys):
+    from orchestrator.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert "predict" in commands
+    for argv in ([], *([c] for c in commands)):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--help"])
+        assert exit_.value.code == 0
+    assert "predict" in capsys.readouterr().out
