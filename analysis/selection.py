@@ -70,14 +70,15 @@ def families(d: pd.DataFrame) -> pd.Series:
     return fam
 
 
-def usable(runs: pd.DataFrame, y: str = "nmse", positive: bool = True) -> tuple[pd.DataFrame, dict[str, str]]:
-    """Runs with status ok and a finite (positive) y, with a `family` column; and {run_id: reason} for every
-    row left out, so nothing disappears silently."""
+def usable(runs: pd.DataFrame, y: str = "nmse", positive: bool = True,
+           statuses: tuple[str, ...] = ("ok",)) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Runs with status ok (or one of `statuses`) and a finite (positive) y, with a `family` column; and
+    {run_id: reason} for every row left out, so nothing disappears silently."""
     excluded: dict[str, str] = {}
     ids = run_ids(runs)
     d = runs
     if "status" in d:
-        bad = d["status"].astype(str) != "ok"
+        bad = ~d["status"].astype(str).isin(statuses)
         excluded.update({r: f"status {s}" for r, s in zip(ids[bad], d["status"][bad])})
         d = d[~bad]
     v = numeric(d, y).to_numpy()
@@ -107,6 +108,11 @@ def swept_keys(d: pd.DataFrame) -> list[str]:
 
 def cell_keys(d: pd.DataFrame) -> list[str]:
     return [c for c in (*_KNOWN, *swept_keys(d)) if c in d]
+
+
+def cell_labels(d: pd.DataFrame) -> pd.Series:
+    """One label per row for its cell and seed: the runs that differ only in their learning rate."""
+    return _labels(d, cell_keys(d) + (["seed"] if "seed" in d else []))
 
 
 def _labels(d: pd.DataFrame, keys: list[str]) -> pd.Series:

@@ -25,8 +25,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.fits import Fit, convergence, fit_joint, fit_loc, fit_lofn, fit_lr, fits_table
-from analysis.results import Sweeps, load_curves, load_runs, sweep_dirs
-from analysis.selection import group_label, l0_set_by_k, series, usable
+from analysis.results import Sweeps, load_curves, load_runs, load_table, sweep_dirs
+from analysis.selection import cell_labels, families, group_label, l0_set_by_k, series, usable
 from orchestrator.store import ResultsStore, write_parquet_atomic
 from sae_core.errors import DataError
 from sae_core.io import write_json_atomic
@@ -36,7 +36,7 @@ TITLES = {"lofn": "L(N)", "loc": "L(C)", "joint": "L(n,k)", "lr": "lr*(n)"}
 CURVE_START = 0.1  # fraction of a run's tokens before its curve enters the L(C) frontier
 # bumped when a change here or in analysis.fits changes what a fit of the same data gives, so older
 # fits.json files count as stale
-FITS_VERSION = 3
+FITS_VERSION = 4
 
 
 def with_convergence(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
@@ -49,9 +49,36 @@ def with_convergence(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
         return runs
 
 
+def search_estimates(runs: pd.DataFrame, rungs: pd.DataFrame | None) -> pd.Series:
+    """run_id -> a searched run's nmse at the full budget (orchestrator/search.py): the winner's own; a stopped
+    run's, its nmse at the last rung it shares with its cell's winner times the winner's improvement from
+    that rung to the budget (the winner's curve as the reference: the stopped run is assumed to gain what the
+    winner gained from there). Empty for a sweep without a search."""
+    if rungs is None or rungs.empty or "status" not in runs:
+        return pd.Series(dtype=float)
+    rec: dict[str, dict[int, float]] = {}
+    for rid, rung, nmse in zip(rungs["run_id"], rungs["rung"], rungs["nmse"]):
+        rec.setdefault(str(rid), {})[int(rung)] = float(nmse)
+    d = runs[runs["status"].isin(["ok", "stopped"]) & runs["run_id"].isin(rec)]
+    d = d.assign(family=families(d))
+    out = {}
+    for _, cell in d.groupby(cell_labels(d), sort=False):
+        ok = cell[cell["status"] == "ok"]
+        if ok.empty:
+            continue
+        won = rec[str(ok.loc[pd.to_numeric(ok["nmse"]).idxmin(), "run_id"])]
+        final = max(won)
+        for rid in cell["run_id"].astype(str):
+            shared = max((r for r in rec[rid] if r in won), default=None)
+            if shared is not None:
+                out[rid] = rec[rid][shared] * won[final] / won[shared]
+    return pd.Series(out, dtype=float)
+
+
 def fit_runs(runs: pd.DataFrame, curves: pd.DataFrame | None = None, laws: tuple[str, ...] = LAWS,
-             n_boot: int | None = None) -> tuple[dict[str, Fit], dict[str, str]]:
-    """Every law of `laws` the tables support: {name: Fit} (each with its `group`) and {name: why skipped}."""
+             n_boot: int | None = None, rungs: pd.DataFrame | None = None) -> tuple[dict[str, Fit], dict[str, str]]:
+    """Every law of `laws` the tables support: {name: Fit} (each with its `group`) and {name: why skipped}.
+    rungs: a search's rung records (the lr law then takes each candidate at its search_estimates)."""
     curves = pd.DataFrame() if curves is None else curves
     boot = {} if n_boot is None else {"n_boot": n_boot}
     runs = with_convergence(runs, curves)
@@ -80,16 +107,25 @@ def fit_runs(runs: pd.DataFrame, curves: pd.DataFrame | None = None, laws: tuple
         fit.group = group
         fits[name] = fit
 
+    # a search's stopped runs (orchestrator/search.py): their curves join L(C)'s frontier (the compute was
+    # spent), and their estimated budget nmse the lr law's per-width optimum
+    estimates = search_estimates(runs, rungs)
+    with_stopped = {json.dumps(s.group, sort_keys=True, default=str): s.rows
+                    for s in series(usable(runs, statuses=("ok", "stopped"))[0])}
     for s in series(ok):
         rows = s.rows
+        everyone = with_stopped.get(json.dumps(s.group, sort_keys=True, default=str), rows)
         if "lofn" in laws:
             attempt("lofn", s.group, lambda conv, rows=rows: fit_lofn(rows, converged_only=conv, **boot), rows)
         if "loc" in laws and not curves.empty and rows.n_latents.nunique() >= 2:
-            mine = curves[curves.run_id.isin(rows.run_id)]
+            mine = curves[curves.run_id.isin(everyone.run_id)]
             if "tokens" in mine:
                 mine = mine[mine.tokens >= CURVE_START * mine.groupby("run_id").tokens.transform("max")]
             attempt("loc", s.group, lambda conv, mine=mine: fit_loc(mine, **boot))
         if "lr" in laws and "lr" in rows:
+            if not estimates.empty:  # every candidate at its estimate, the stopped as much as the winners
+                rows = everyone.assign(nmse=everyone["run_id"].astype(str).map(estimates), status="ok")
+                rows = rows.dropna(subset=["nmse"])
             swept = rows.groupby("n_latents").lr.nunique() >= 2  # widths with an lr sweep
             if swept.sum() >= 3:
                 attempt("lr", s.group, lambda conv, rows=rows: fit_lr(rows, **boot))
@@ -111,16 +147,16 @@ def fit_sweep(sweep_dir: Sweeps, laws: tuple[str, ...] = LAWS,
     runs = load_runs(sweep_dir, all_runs)
     if runs.empty:
         raise DataError(f"{', '.join(map(str, sweep_dirs(sweep_dir)))}: no finished runs to fit")
-    return fit_runs(runs, load_curves(sweep_dir, all_runs), laws)
+    return fit_runs(runs, load_curves(sweep_dir, all_runs), laws, rungs=load_table(sweep_dir, "rungs", all_runs))
 
 
 def fingerprint(sweep_dir: Sweeps, all_runs: bool = False) -> str:
-    """A hash of the tables the fits read (the counted runs' runs/ and curves/ files) and of the fitting
-    rules' version."""
+    """A hash of the tables the fits read (the counted runs' runs/, curves/ and rungs/ files) and of the
+    fitting rules' version."""
     h = hashlib.sha256(f"fits v{FITS_VERSION}{' all runs' if all_runs else ''}".encode())
     for path in sweep_dirs(sweep_dir):
         store = ResultsStore.at(path)
-        for table in ("runs", "curves"):
+        for table in ("runs", "curves", "rungs"):
             for f in store.files(table, all_runs):
                 h.update(f"{table}/{f.name}".encode())
                 h.update(hashlib.sha256(f.read_bytes()).digest())

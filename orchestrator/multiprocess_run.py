@@ -96,8 +96,9 @@ def process_options(need: dict) -> dict:
 
 
 def train_group(spec_data: dict, run: dict, results_root: str, cache_root: str | None, threads: int,
-                bundle: dict, retries: int) -> dict[str, str]:
-    """Train one run on shards x replicas processes, each given `bundle` (Ray resources); run_id -> status."""
+                bundle: dict, retries: int, rung: tuple[int, int] | None = None) -> dict[str, str]:
+    """Train one run on shards x replicas processes, each given `bundle` (Ray resources); run_id -> status.
+    rung: a search's (rung, tokens) to stop at."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -107,10 +108,13 @@ def train_group(spec_data: dict, run: dict, results_root: str, cache_root: str |
     store = ResultsStore(results_root, spec.name)
     shards, replicas = spec.resources.layout
     world = shards * replicas
-    if plan.run_id in store.done([plan.run_id]):
+    def finished() -> bool:
+        return plan.run_id in store.done([plan.run_id]) | store.at_rung({plan.run_id: rung} if rung else {})
+
+    if finished():
         return {}
     with store.lock(plan.run_id, LOCK_WAIT_S) as owned:
-        if not owned or plan.run_id in store.done([plan.run_id]):
+        if not owned or finished():
             return {}
         # A coordinator that died (its node lost) leaves its group and ranks behind, holding resources and writing
         # this run's checkpoints: removing the named group kills them before a new one starts.
@@ -129,7 +133,7 @@ def train_group(spec_data: dict, run: dict, results_root: str, cache_root: str |
                 address, port = ray.get(ray.remote(_rendezvous).options(num_cpus=0, scheduling_strategy=on(0)).remote())
                 rank_task = ray.remote(train_rank)
                 refs = [rank_task.options(**process_options(bundle), max_retries=0, scheduling_strategy=on(i)).remote(
-                    spec_data, run, results_root, cache_root, threads, i, shards, replicas, address, port)
+                    spec_data, run, results_root, cache_root, threads, i, shards, replicas, address, port, rung)
                     for i in range(world)]
                 failure = _wait_group(ray, refs)
                 if failure is None:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.search import Candidate, cell_key, expected_flops
 from orchestrator.spec import SPECIAL_AXES, SweepSpec, load_spec, sae_keys, train_keys
 from orchestrator.status import last_line
 from orchestrator.store import DONE, ResultsStore
@@ -241,6 +242,16 @@ def pack_runs(runs: list[RunPlan], pack_size: int, memory_bytes: float | None = 
     return packs
 
 
+def search_cells(runs: list[RunPlan], axis: str) -> dict[str, list[Candidate]]:
+    """The runs grouped into a search's cells: those that differ only in the searched axis."""
+    cells: dict[str, list[Candidate]] = {}
+    for r in runs:
+        budget = r.train["train_tokens"]
+        cells.setdefault(cell_key(r.axes, r.layer, r.model, axis), []).append(
+            Candidate(r.run_id, budget, r.train["batch_size"], r.flops() / budget))
+    return cells
+
+
 # --- a sweep planned against its data and its store: what `run` trains and `--dry-run` shows ----------------
 @dataclass
 class Sweep:
@@ -303,6 +314,8 @@ def run_states(sweep: Sweep) -> dict[str, str]:
             states[run.run_id] = "broken: " + ", ".join(str(p.relative_to(store.dir)) for p, _ in broken[run.run_id])
         elif row is not None and row["status"] in DONE:
             states[run.run_id] = "done"
+        elif row is not None and row["status"] == "stopped":
+            states[run.run_id] = f"stopped at {row['tokens']:,} tokens"
         elif row is not None:
             states[run.run_id] = f"{row['status']}: " + last_line(row.get("error"))
         else:
@@ -312,6 +325,7 @@ def run_states(sweep: Sweep) -> dict[str, str]:
 
 def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:
     states = run_states(sweep)
+    ids = [r.run_id for r in sweep.runs]
     several = len(sweep.models) > 1
     width = max((len(str(m)) for m in sweep.models), default=5) if several else 0
     header = f"{'run_id':16}  " + (f"{'model':{width}} " if several else "") + f"{'arch':10} {'layer':>5} {'n_latents':>9} {'k':>5} {'l1_coeff':>9} {'lr':>8} " \
@@ -339,6 +353,15 @@ def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:
     echo(f"{len(sweep.runs)} runs ({len(done)} done), {units}; SAE training compute "
          f"{_fmt_flops(total_flops)} FLOPs in all, {_fmt_flops(todo_flops)} to do (formula: "
          "docs/scaling-laws.md, Compute accounting)")
+    if sweep.spec.search is not None:
+        cfg = sweep.spec.search
+        cells = search_cells(sweep.runs, cfg.axis)
+        searched = expected_flops(cells, cfg)
+        sizes = sorted({len(c) for c in cells.values()})
+        echo(f"search over {cfg.axis} in {len(cells)} cells of {', '.join(map(str, sizes))} candidates (eta {cfg.eta:g}, "
+             f"rungs at {', '.join(f'{f:.3g}' for f in cfg.fractions(max(sizes)))} of the budget, rank "
+             f"{cfg.rank}): expected {_fmt_flops(searched)} FLOPs, {searched / max(total_flops, 1e-300):.0%} of the "
+             f"full grid's {_fmt_flops(total_flops)}; spent so far {_fmt_flops(sweep.store.flops_spent(ids))}")
     flops = [data.activation_flops() for _, data in sweep.models.values()]
     if None not in flops:
         act = sum(flops)

@@ -18,11 +18,13 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from orchestrator.search import SearchConfig
 from orchestrator.spec import _NOT_IN_SAE, _NOT_IN_TRAIN, SPECIAL_AXES, Resources, SubjectModel, SweepSpec
 from sae_core.activation_data import DataConfig, HookConfig
 from sae_core.architectures import architecture_names
 from sae_core.architectures.base import SAEConfig, registry
 from sae_core.config import TrainConfig
+from sae_core.evaluation.probe_datasets import ProbeTaskSpec
 from sae_core.evaluation.run import EvalConfig
 from sae_core.text.documents import TextSpec
 from sae_core.tracking import TrackersConfig, WandbConfig
@@ -107,11 +109,13 @@ def reference() -> str:
            "Generated from the config models by `make docs` (orchestrator/reference.py); do not edit by hand. "
            "A key's description is the one its model gives. How the keys work together: "
            "[Running sweeps](sweeps.md). Part of the [sae-scaling manual](README.md).", ""]
-    sections = [("Top level", SweepSpec, "", {"hook", "data", "eval", "trackers", "resources"}),
+    sections = [("Top level", SweepSpec, "", {"hook", "data", "eval", "trackers", "resources", "search"}),
                 ("model (entries of a list)", SubjectModel, "model[].", set()),
                 ("hook", HookConfig, "hook.", set()), ("data", DataConfig, "data.", {"text"}),
                 ("data.text", TextSpec, "data.text.", set()),
                 ("train", TrainConfig, "train.", _NOT_IN_TRAIN), ("eval", EvalConfig, "eval.", set()),
+                ("eval.probe_tasks (entries)", ProbeTaskSpec, "eval.probe_tasks[].", set()),
+                ("search", SearchConfig, "search.", set()),
                 ("trackers", TrackersConfig, "trackers.", {"wandb"}), ("trackers.wandb", WandbConfig,
                                                                        "trackers.wandb.", set()),
                 ("resources", Resources, "resources.", set())]

@@ -20,7 +20,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from orchestrator.multiprocess_run import process_options, train_group
-from orchestrator.plan import RunPlan, Sweep, pack_runs, plan_sweep
+from orchestrator.plan import RunPlan, Sweep, pack_runs, plan_sweep, search_cells
+from orchestrator.search import Round, plan_round
 from orchestrator.spec import SweepSpec
 from orchestrator.status import summary
 from orchestrator.store import DONE
@@ -109,16 +110,18 @@ def check_memory(ray, sweep: Sweep, runs: list[RunPlan]) -> None:
 class Progress:
     """One line: runs done / running / failed / pending, tokens per second, ETA."""
 
-    def __init__(self, sweep: Sweep, runs: list[RunPlan], echo: Callable[[str], None]):
+    def __init__(self, sweep: Sweep, runs: list[RunPlan], echo: Callable[[str], None],
+                 rungs: dict[str, tuple[int, int]] | None = None):
         self.sweep, self.echo = sweep, echo
-        self.total = {r.run_id: r.train["train_tokens"] for r in runs}
+        rungs = rungs or {}
+        self.total = {r.run_id: rungs[r.run_id][1] if r.run_id in rungs else r.train["train_tokens"] for r in runs}
         self.t0, self.last = time.time(), 0.0
         self.tty = sys.stdout.isatty()
         self.resumed = self._tokens({}, sweep.store.progress())  # trained before this run: not in the rate
 
     def _tokens(self, statuses: dict[str, str], prog: dict[str, dict]) -> int:
-        return sum(statuses.get(r) in DONE and self.total[r] or min(prog.get(r, {}).get("tokens", 0), self.total[r])
-                   for r in self.total)
+        return sum(statuses.get(r) in (*DONE, "stopped") and self.total[r]
+                   or min(prog.get(r, {}).get("tokens", 0), self.total[r]) for r in self.total)
 
     def show(self, statuses: dict[str, str], running: int, force: bool = False) -> None:
         now = time.time()
@@ -129,7 +132,7 @@ class Progress:
         rate = max(tokens - self.resumed, 0) / max(now - self.t0, 1e-9)
         left = sum(self.total.values()) - tokens
         eta = f"{left / rate:,.0f} s" if rate > 0 else "?"
-        done = sum(s in DONE for s in statuses.values())
+        done = sum(s in (*DONE, "stopped") for s in statuses.values())
         failed = sum(s == "failed" for s in statuses.values())
         line = (f"runs: {done} done, {running} running, {failed} failed, {len(self.total) - done - failed - running} "
                 f"pending | {rate:,.0f} tokens/s | ETA {eta}")
@@ -141,13 +144,17 @@ class Progress:
 
 def run_sweep(path: str | Path, results: str | Path = "results", address: str | None = None,
               max_parallel: int | None = None, echo: Callable[[str], None] = print) -> int:
-    """Train every run of the sweep not yet done; returns the exit code (0: all ok, 1: some failed)."""
+    """Train every run of the sweep not yet done (a search: round after round, orchestrator/search.py);
+    returns the exit code (0: all ok, 1: some failed)."""
     sweep = plan_sweep(path, results)
     store = sweep.store
     ids = [r.run_id for r in sweep.runs]
     broken = store.broken(ids)
     done = store.done(rid for rid in ids if rid not in broken)
+    search = sweep.spec.search
     todo = [r for r in sweep.runs if r.run_id not in done]
+    if search is not None and not broken:  # what the search still has to train (broken runs: all of it, below)
+        todo = [r for r in todo if r.run_id in _search_round(sweep, store).targets]
     if todo:  # checked before anything is written
         for _, data in sweep.models.values():
             data.check_finite(echo)
@@ -168,27 +175,60 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
     dashboard = getattr(ray.get_runtime_context(), "dashboard_url", None) or ""
     if dashboard:
         echo(f"Ray dashboard: http://{dashboard}")
-    # each pack's worker gets its model's single-model sweep (SweepSpec.per_model)
-    spec_data = {m: one.model_dump(mode="json", exclude_unset=True) for m, (one, _) in sweep.models.items()}
+    try:
+        if search is None:
+            statuses = _train(ray, sweep, todo, need, max_parallel, echo)
+        else:
+            statuses = {}
+            while (step := _search_round(sweep, store)).targets:
+                runs = [r for r in sweep.runs if r.run_id in step.targets]
+                rungs = sorted({rung for rung, _ in step.targets.values()})
+                echo(f"search: {len(runs)} runs to rung{'s' * (len(rungs) > 1)} {', '.join(map(str, rungs))} "
+                     f"({len(step.stopped)} stopped so far)")
+                statuses.update(_train(ray, sweep, runs, need, max_parallel, echo, step.targets))
+                if any(statuses.get(r.run_id) not in (*DONE, "stopped") for r in runs):
+                    break  # a failed run: its cell cannot be ranked; the next `run` retries it
+    except KeyboardInterrupt:
+        echo("\nstopped: finished runs are saved; `sae-scaling run` again resumes the rest from their checkpoints")
+        return 130
+    skipped = [r.run_id for r in todo if not store.path("runs", r.run_id).is_file()]
+    if skipped:
+        echo(f"{len(skipped)} runs were held by another process (their lock); `sae-scaling status` shows them")
+    summary(store, echo)
+    if search is not None:
+        _search_summary(sweep, store, echo)
+        return 0 if not _search_round(sweep, store).targets else 1
+    return 0 if store.done(ids) >= {r.run_id for r in todo} - set(skipped) else 1
+
+
+def _train(ray, sweep: Sweep, todo: list[RunPlan], need: dict, max_parallel: int | None,
+           echo: Callable[[str], None], rungs: dict[str, tuple[int, int]] | None = None) -> dict[str, str]:
+    """Train the runs as packs (or process groups) on Ray until all have ended; run_id -> status. rungs: a
+    search's round (the runs stop at their rung). Ctrl-C cancels what is running and re-raises."""
+    store = sweep.store
     threads = max(1, int(sweep.spec.resources.cpus))
     shards, replicas = sweep.spec.resources.layout
     root, cache = str(store.dir.parent), str(default_cache_root())
+    # each pack's worker gets its model's single-model sweep (SweepSpec.per_model)
+    spec_data = {m: one.model_dump(mode="json", exclude_unset=True) for m, (one, _) in sweep.models.items()}
     if shards * replicas > 1:  # each run is a group of processes: no packs (orchestrator/multiprocess_run.py)
         packs = [[run] for run in todo]
         group = ray.remote(train_group).options(num_cpus=0, max_retries=sweep.spec.retries)
 
         def submit(pack):
-            return group.remote(spec_data[pack[0].model], asdict(pack[0]), root, cache, threads, need, sweep.spec.retries)
+            return group.remote(spec_data[pack[0].model], asdict(pack[0]), root, cache, threads, need,
+                                sweep.spec.retries, (rungs or {}).get(pack[0].run_id))
     else:
         packs = pack_runs(todo, sweep.spec.pack_size, need.get("memory"))
         remote = ray.remote(train_pack).options(**process_options(need), max_retries=sweep.spec.retries)
 
         def submit(pack):
-            return remote.remote(spec_data[pack[0].model], [asdict(r) for r in pack], root, cache, threads)
+            mine = {r.run_id: rungs[r.run_id] for r in pack if r.run_id in rungs} if rungs else None
+            return remote.remote(spec_data[pack[0].model], [asdict(r) for r in pack], root, cache, threads, mine)
     waiting = list(packs)
     in_flight: dict = {}
     statuses: dict[str, str] = {}
-    progress = Progress(sweep, todo, echo)
+    progress = Progress(sweep, todo, echo, rungs)
     limit = max_parallel or len(packs)
     try:
         while waiting or in_flight:
@@ -206,14 +246,35 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
     except KeyboardInterrupt:
         for ref in in_flight:
             ray.cancel(ref, force=True)
-        echo("\nstopped: finished runs are saved; `sae-scaling run` again resumes the rest from their checkpoints")
-        return 130
+        raise
     progress.show(statuses, 0, force=True)
-    skipped = [r.run_id for r in todo if not store.path("runs", r.run_id).is_file()]
-    if skipped:
-        echo(f"{len(skipped)} runs were held by another process (their lock); `sae-scaling status` shows them")
-    summary(store, echo)
-    return 0 if store.done(ids) >= {r.run_id for r in todo} - set(skipped) else 1
+    return statuses
+
+
+def _search_round(sweep: Sweep, store) -> Round:
+    """The search's next round, from the rung records, curves and rows on disk."""
+    ids = [r.run_id for r in sweep.runs]
+    cells = search_cells(sweep.runs, sweep.spec.search.axis)
+    records = store.rungs(ids)
+    curves = {rid: store.curve(rid) for rid in records}
+    return plan_round(cells, records, curves, sweep.spec.search, store.done(ids))
+
+
+def _search_summary(sweep: Sweep, store, echo: Callable[[str], None]) -> None:
+    """Each cell's winner and the compute spent against the full grid's."""
+    rows = store.rows_of(r.run_id for r in sweep.runs)
+    spent = store.flops_spent(rows)
+    full = sum(r.flops() for r in sweep.runs)
+    step = _search_round(sweep, store)
+    axis = sweep.spec.search.axis
+    by_id = {r.run_id: r for r in sweep.runs}
+    for winners in step.winners.values():
+        for rid in winners:
+            row = rows.get(rid, {})
+            echo(f"search winner {rid}: {axis} {by_id[rid].axes.get(axis)} (n_latents {by_id[rid].n_latents}), "
+                 f"nmse {row.get('nmse', float('nan')):.4g}")
+    echo(f"search: spent {spent:.3g} FLOPs training, {spent / max(full, 1e-300):.0%} of the full grid's {full:.3g}; "
+         f"{len(step.stopped)} runs stopped early")
 
 
 def _record_failure(sweep: Sweep, pack: list[RunPlan], err: Exception, statuses: dict[str, str]) -> None:

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.search import SearchConfig
 from sae_core.activation_data import SYNTHETIC_KEYS, DataConfig, HookConfig
 from sae_core.architectures import architecture_names
 from sae_core.architectures.base import registry
@@ -130,6 +131,9 @@ class SweepSpec(BaseModel):
     eval: EvalConfig = EvalConfig()  # held-out evaluation settings
     trackers: TrackersConfig = TrackersConfig()  # W&B / TensorBoard mirrors of the curves (sae_core/tracking.py)
     resources: Resources = Resources()  # Ray resources per training process
+    # successive halving over one axis (normally lr) per grid cell, instead of training every value to the
+    # end (orchestrator/search.py); stopped runs keep their rows, curves and checkpoints
+    search: SearchConfig | None = None
     retries: int = Field(2, ge=0)  # re-runs of a pack whose worker or node died (from its checkpoints)
     pack_size: int = Field(8, ge=1)  # runs sharing one activation stream trained together by one worker
     data_seed: int = Field(0, ge=0)  # order of the training vectors, shared by every run
@@ -236,6 +240,15 @@ class SweepSpec(BaseModel):
                                      f"zipped with {', '.join(k for k in group if k != key)} (zip: "
                                      f"[{', '.join(group)}]); allowed: a scalar override of {key}, or {key} out of "
                                      f"the zip group")
+        if self.search is not None:
+            axis = self.search.axis
+            own = {len(v) for o in self.overrides.values() for k, v in o.items() if k == axis and isinstance(v, list)}
+            if len(self.grid.get(axis, [])) < 2 and not own - {1}:
+                raise ValueError(f"search.axis: {axis!r} needs at least 2 values in the grid (or an override's list) "
+                                 f"to search over; grid axes: {', '.join(self.grid)}")
+            if any(axis in group for group in self.zip):
+                raise ValueError(f"search.axis: {axis!r} is zipped with other axes; a searched axis varies alone "
+                                 "within each cell (take it out of the zip group)")
         for key in self.data.synthetic or {}:
             if key not in SYNTHETIC_KEYS:
                 hint = " (set by data.eval_tokens)" if key == "n_eval" else _did_you_mean(key, SYNTHETIC_KEYS)

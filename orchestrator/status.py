@@ -30,7 +30,8 @@ def sweep_status(sweep_dir: str | Path) -> tuple[str, bool]:
     running = store.running()
     state = {rid: "broken" if rid in broken else rows[rid]["status"] if rid in rows and rows[rid]["status"] in DONE
              else "running" if rid in running else rows.get(rid, {}).get("status", "pending") for rid in ids}
-    kinds = ("ok", "diverged", "running", "failed", "pending") + (("broken",) if broken else ())
+    stopped = ("stopped",) if "stopped" in state.values() else ()  # by a search (orchestrator/search.py)
+    kinds = ("ok", "diverged", *stopped, "running", "failed", "pending") + (("broken",) if broken else ())
     counts = {s: sum(v == s for v in state.values()) for s in kinds}
     lines = [f"{store.sweep}: {len(ids)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
     for rid, s in state.items():

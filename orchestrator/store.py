@@ -63,7 +63,8 @@ RUN_SCHEMA = {
 }
 # per-run tables besides runs/: the training curve, and every table the evaluation returns
 # (sae_core.evaluation.run.RUN_TABLES), each <table>/<run_id>.parquet
-TABLES = ("runs", "curves", *RUN_TABLES)
+# rungs: a searched run's held-out nmse at each rung it reached (orchestrator/search.py)
+TABLES = ("runs", "curves", *RUN_TABLES, "rungs")
 # Integer columns with nulls stay integers (pandas Int64)
 _PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
 
@@ -288,6 +289,34 @@ class ResultsStore:
     def done(self, run_ids) -> set[str]:
         """Those of run_ids whose row says ok or diverged."""
         return {rid for rid, row in self.rows_of(run_ids).items() if row["status"] in DONE}
+
+    def flops_spent(self, run_ids) -> float:
+        """The training FLOPs the rows of run_ids record (a stopped run's up to where it stopped)."""
+        return sum(float(row.get("flops") or 0) for row in self.rows_of(run_ids).values())
+
+    def rungs(self, run_ids) -> dict[str, dict[int, dict]]:
+        """run_id -> rung -> {tokens, nmse}, for those of run_ids that reached a rung of a search."""
+        out = {}
+        for rid in run_ids:
+            path = self.path("rungs", rid)
+            if path.is_file():
+                out[rid] = {int(r["rung"]): r for r in read_parquet(path).to_pylist()}
+        return out
+
+    def curve(self, run_id: str) -> list[dict]:
+        """The run's training curve rows ([] before it has one)."""
+        path = self.path("curves", run_id)
+        return read_parquet(path).to_pylist() if path.is_file() else []
+
+    def add_rung(self, run_id: str, record: dict) -> None:
+        """Record (or replace) the run's entry for record["rung"]."""
+        rows = {**self.rungs([run_id]).get(run_id, {}), int(record["rung"]): {"run_id": run_id, **record}}
+        write_parquet_atomic(self.path("rungs", run_id), [rows[k] for k in sorted(rows)])
+
+    def at_rung(self, targets: dict[str, tuple[int, int]]) -> set[str]:
+        """Those runs of a search's round that already reached their target rung."""
+        have = self.rungs(targets)
+        return {rid for rid, (rung, _) in targets.items() if rung in have.get(rid, {})}
 
     def write_run(self, row: dict, curve: list[dict] = (), tables: dict[str, list[dict]] | None = None) -> None:
         """The run's tables first (its curve, and the evaluation's: table name -> rows), its row last: a row on

@@ -78,16 +78,18 @@ class ActiveRun:
     started: datetime
     tokens: int = 0
     trackers: Trackers | None = None
+    rung: tuple[int, int] | None = None  # a searched run's (rung, tokens to stop at): orchestrator/search.py
 
 
-def _start(spec: SweepSpec, store: ResultsStore, plan: RunPlan, trainer: Trainer, track: bool = True) -> ActiveRun:
+def _start(spec: SweepSpec, store: ResultsStore, plan: RunPlan, trainer: Trainer, track: bool = True,
+           rung: tuple[int, int] | None = None) -> ActiveRun:
     """A run begun: its step generator, and its trackers (W&B, TensorBoard) if the sweep has any."""
     trackers = None
     if track and spec.trackers.any:
         trackers = Trackers(spec.trackers, store.dir, plan.run_id, spec.name,
                             {"sae": plan.sae, "train": plan.train, "axes": plan.axes})
-    steps = trainer.run_steps(on_curve=trackers.log if trackers else None)
-    return ActiveRun(plan, trainer, steps, now_utc(), trackers=trackers)
+    steps = trainer.run_steps(on_curve=trackers.log if trackers else None, until_tokens=rung[1] if rung else None)
+    return ActiveRun(plan, trainer, steps, now_utc(), trackers=trackers, rung=rung)
 
 
 def run_row(spec: SweepSpec, plan: RunPlan, result: RunResult | None, evaluation: dict, started: datetime,
@@ -116,15 +118,17 @@ def _trainer(spec: SweepSpec, data: ActivationData, stream: SharedStream, store:
 
 
 def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root: str | None = None,
-               threads: int | None = None) -> dict[str, str]:
-    """Train and evaluate a pack; returns run_id -> status for the runs this call finished."""
+               threads: int | None = None, rungs: dict[str, tuple[int, int]] | None = None) -> dict[str, str]:
+    """Train and evaluate a pack; returns run_id -> status for the runs this call finished. rungs: a search's
+    round, run_id -> (rung, tokens): those runs stop there (status stopped) and record the rung."""
+    rungs = rungs or {}
     spec, store = _setup(spec_data, results_root, cache_root, threads)
     plans = [RunPlan(**r) for r in runs]
     finished: dict[str, str] = {}
     with ExitStack() as stack:
-        done = store.done(p.run_id for p in plans)
+        done = store.done(p.run_id for p in plans) | store.at_rung(rungs)
         owned = [p for p in plans if p.run_id not in done and stack.enter_context(store.lock(p.run_id, LOCK_WAIT_S))]
-        done = store.done(p.run_id for p in owned)  # finished while we waited for its lock
+        done = store.done(p.run_id for p in owned) | store.at_rung(rungs)  # finished while we waited for its lock
         owned = [p for p in owned if p.run_id not in done]
         if not owned:
             return finished
@@ -134,7 +138,7 @@ def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root:
         active = []
         for plan in owned:
             trainer = _trainer(spec, data, stream, store, plan)
-            active.append(_start(spec, store, plan, trainer))
+            active.append(_start(spec, store, plan, trainer, rung=rungs.get(plan.run_id)))
         results: list[tuple[ActiveRun, RunResult | None, str | None]] = []
         splicer = splicer_of(spec, data)
         last_report = 0.0
@@ -161,9 +165,10 @@ def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root:
 
 
 def train_rank(spec_data: dict, run: dict, results_root: str, cache_root: str | None, threads: int | None,
-               rank: int, shards: int, replicas: int, address: str, port: int) -> dict[str, str]:
+               rank: int, shards: int, replicas: int, address: str, port: int,
+               rung: tuple[int, int] | None = None) -> dict[str, str]:
     """One process of a run trained by shards x replicas processes; the caller holds the run's lock.
-    Returns run_id -> status from rank 0, {} from the others."""
+    Returns run_id -> status from rank 0, {} from the others. rung: a search's (rung, tokens) to stop at."""
     spec, store = _setup(spec_data, results_root, cache_root, threads)
     plan = RunPlan(**run)
     init_distributed(rank, shards * replicas, address, port, resolve_device(plan.train["device"]))
@@ -172,7 +177,7 @@ def train_rank(spec_data: dict, run: dict, results_root: str, cache_root: str | 
         data = ActivationData(spec.model, spec.hook, spec.data).prepare()
         stream = SharedStream(data.source(plan.layer, seed=spec.data_seed))
         trainer = _trainer(spec, data, stream, store, plan, mesh=mesh)
-        active = _start(spec, store, plan, trainer, track=mesh.leader)
+        active = _start(spec, store, plan, trainer, track=mesh.leader, rung=rung)
         last_report = 0.0
         while True:
             try:
@@ -199,9 +204,12 @@ def finish_run(spec: SweepSpec, data: ActivationData, stream: SharedStream, run:
         row = record(spec, store, identity, result.sae, EvalInputs.of(spec, data, stream, layer, splicer), outcome,
                      run.started, data.layers, result.curve)
     else:
-        reason = "run failed" if result is None else f"run {result.status}"
+        reason = ("run failed" if result is None else "stopped by the search" if result.status == "stopped"
+                  else f"run {result.status}")
         row = runs_row(spec, identity, outcome, null_downstream(reason), run.started, data.layers)
         store.write_run(row, result.curve if result else [])
+    if run.rung is not None and outcome.status in ("ok", "stopped"):  # the search's evidence, after the row
+        store.add_rung(run.plan.run_id, {"rung": run.rung[0], "tokens": outcome.tokens, "nmse": outcome.metrics["nmse"]})
     if run.trackers is not None:
         run.trackers.finish({k: v for k, v in row.items() if k not in ("started_at", "finished_at")})
     return row["status"]

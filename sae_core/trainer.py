@@ -290,9 +290,12 @@ class Trainer:
 
     def run_steps(self, max_steps: int | None = None,
                   curve_metrics: Callable[[SAE, dict], dict[str, float]] | None = None,
-                  on_curve: Callable[[dict], None] | None = None) -> Generator[int, None, RunResult]:
+                  on_curve: Callable[[dict], None] | None = None,
+                  until_tokens: int | None = None) -> Generator[int, None, RunResult]:
         """`run` one step at a time: yields the token count after each step and returns the RunResult, so
-        one worker can train a pack of SAEs in lockstep from one activation stream."""
+        one worker can train a pack of SAEs in lockstep from one activation stream. until_tokens: stop (status
+        'stopped', checkpoint written) once this many tokens are trained, counted from the start, not from a
+        resume; the lr schedule stays the full budget's, so the run is a prefix of the full run."""
         cfg = self.cfg
         t_start = time.time()
         session = self.start()
@@ -305,6 +308,8 @@ class Trainer:
         sample_at = set(curve_steps(total, B, cfg.curve_points_per_decade))
         every = max(1, math.ceil((cfg.checkpoint_every_tokens or math.ceil(cfg.train_tokens / 10)) / B))
         stop_at = total if max_steps is None else min(total, st.step + max_steps)
+        if until_tokens is not None:
+            stop_at = min(stop_at, max(st.step, math.ceil(until_tokens / B)))
         status, error = "ok", None
 
         while st.step < stop_at:

@@ -27,8 +27,8 @@ from analysis.selection import numeric
 @paper_figure
 def fig_probe(runs: pd.DataFrame) -> Figure:
     """(a) probe loss vs n_latents: one series per k for the families whose L0 is set by k, the others their
-    best per width over their sparsity grid; (b) probe loss vs L0, every run of each family (its sparsity
-    setting and width varying along it). Both: the baseline (the best single coordinate of the SAE's
+    best per width over their sparsity grid; (b) probe loss vs L0, every run of each family (its
+    sparsity setting and width varying along it). Both: the baseline (the best single coordinate of the SAE's
     normalised input, the same for every run of a site) as a dashed grey line; lower is better."""
     if runs is None or runs.empty or "probe_loss" not in runs or numeric(runs, "probe_loss").isna().all():
         raise SkipFigure("no run has probe_loss (eval.probe off, or no model to probe)")
@@ -43,10 +43,10 @@ def fig_probe(runs: pd.DataFrame) -> Figure:
         ax.text(0.5, 0.5, "one width only", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("n_latents")
     for fam in sorted(d["family"].unique(), key=family_order):
-        rows = d[d["family"] == fam].groupby("l0")["probe_loss"].mean().sort_index()
-        ax2.plot(rows.index.to_numpy(float), rows.to_numpy(float), ls="none", color=arch_color(fam),
+        rows = d[d["family"] == fam].sort_values("l0")
+        ax2.plot(rows["l0"].to_numpy(float), rows["probe_loss"].to_numpy(float), ls="none", color=arch_color(fam),
                  marker=arch_marker(fam), gid="points", label=fam)
-    log2_axis(ax2.xaxis, fmt_value, values=d["l0"])
+    log2_axis(ax2.xaxis, fmt_value)  # powers of 2: measured L0s crowd each other
     ax2.set_xlabel("L0 (active latents per token)")
     for a in (ax, ax2):
         if len(base):

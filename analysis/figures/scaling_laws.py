@@ -61,7 +61,8 @@ def _frontier_and_law(ax, g: dict, mine: pd.DataFrame, laws: Fits, site: dict) -
 
 @paper_figure
 def fig_loc(curves: pd.DataFrame, runs: pd.DataFrame, fits: Fits | None = None) -> Figure:
-    """Gao et al. Fig. 1 left: every run's training curve (nmse vs SAE training FLOPs, thin), per series
+    """Gao et al. Fig. 1 left: every run's training curve (nmse vs SAE training FLOPs, thin; a search's
+    stopped runs too), per series
     (architecture × k) with at least 2 widths the compute frontier (lower envelope of the curves, from 10% of
     each run's tokens on) and the fitted L(C) = c + a·C^b, log-log."""
     if curves is None or curves.empty:
@@ -69,7 +70,10 @@ def fig_loc(curves: pd.DataFrame, runs: pd.DataFrame, fits: Fits | None = None) 
     for c in ("run_id", "flops", "nmse"):
         if c not in curves:
             raise SkipFigure(f"the curves table has no {c} column")
-    d, note, site = one_site(ok_runs(runs, ("nmse",)))
+    # a search's stopped runs spent compute on the way to the frontier: their curves count, as in the L(C) fit
+    shown = (runs.assign(status=runs["status"].astype(str).replace("stopped", "ok"))
+             if runs is not None and "status" in runs else runs)
+    d, note, site = one_site(ok_runs(shown, ("nmse",)))
     c = curves[curves["run_id"].isin(d["run_id"])].copy()
     c["flops"], c["nmse"], c["tokens"] = numeric(c, "flops"), numeric(c, "nmse"), numeric(c, "tokens")
     c = c[np.isfinite(c["flops"]) & (c["flops"] > 0) & np.isfinite(c["nmse"]) & (c["nmse"] > 0)]

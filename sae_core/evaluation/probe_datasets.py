@@ -48,9 +48,9 @@ class ProbeTaskSpec(BaseModel):
     path: str | None = None  # a local .jsonl, .csv or .parquet file
     dataset: str | None = None  # a `datasets` folder written by save_to_disk, or a hub id (needs the network)
     split: str = "train"  # the dataset's split
-    text_column: str = "text"
+    text_column: str = "text"  # the column holding each example's text
     label_column: str = "label"  # sequence: 0/1 (or bool); token: a list of [start, end) positive character spans
-    level: Literal["token", "sequence"]
+    level: Literal["token", "sequence"]  # a label per token (from character spans) or per text
     max_examples: int = Field(2048, ge=1)  # the first rows read
 
     @model_validator(mode="after")
