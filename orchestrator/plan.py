@@ -32,6 +32,7 @@ from orchestrator.store import DONE, ResultsStore
 from sae_core.activation_data import ActivationData
 from sae_core.architectures import parse_sae_config
 from sae_core.architectures.base import registry
+from sae_core.checkpoint import has_checkpoint
 from sae_core.config import parse_train_config, with_family_defaults
 from sae_core.errors import ConfigError, DataError, SAEScalingError
 from sae_core.evaluation.probe_datasets import read_rows
@@ -39,7 +40,7 @@ from sae_core.fingerprint import paths_fingerprint
 from sae_core.lm.loading import local_model_fingerprint
 from sae_core.sources.files import expand_paths
 from sae_core.tracking import check_installed
-from sae_core.trainer import layout_problems
+from sae_core.trainer import continuable, layout_problems
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,15 @@ class RunPlan:
     settings: str = ""  # the run_id's hash without the input contents (pending_reason tells them apart)
     inputs: dict = field(default_factory=dict)  # label -> content digest of a local input (data_identity)
     model: str | None = None  # the subject model whose activations it reads (Sweep.models' key)
+    # the run_id's hash without the budget (train_tokens) nor the evaluation settings, for a run whose training
+    # is a prefix of the same run's with a larger budget (sae_core.trainer.continuable); "" otherwise
+    lineage: str = ""
 
     def plan_entry(self) -> dict:
         """What plan.json keeps of the run."""
         return {"run_id": self.run_id, "arch": self.arch, "layer": self.layer, "axes": self.axes,
-                "settings": self.settings, "inputs": self.inputs}
+                "settings": self.settings, "inputs": self.inputs, "lineage": self.lineage,
+                "budget": self.train["train_tokens"]}
 
     @property
     def n_latents(self) -> int:
@@ -198,10 +203,29 @@ def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str 
             # without local inputs the id is the settings' hash: such sweeps keep the ids they had before
             # inputs were hashed
             run_id = _hash({**ident, "inputs": inputs}) if inputs else settings
+            lineage = (_hash({**ident, "inputs": inputs, "eval": None,
+                              "train": {k: v for k, v in resolved.items() if k != "train_tokens"}})
+                       if continuable(sae_cfg, train_cfg) else "")
             runs.setdefault(run_id, RunPlan(run_id, arch, layer, {**axes, **override}, sae_cfg.model_dump(mode="json"),
                                             train_cfg.model_dump(mode="json"), f"{stream}-{layer}", settings, inputs,
-                                            spec.model))
+                                            spec.model, lineage))
     return list(runs.values())
+
+
+def continuations(runs: list[RunPlan], previous: list[dict], store: ResultsStore) -> dict[str, str]:
+    """run_id -> the earlier run it continues: for a run not started (no row, no checkpoint) whose budget was
+    raised, the planned-before run of the same lineage and the largest smaller budget that left a checkpoint.
+    Its training is the new run's first tokens (RunPlan.lineage), so the new run starts from that checkpoint."""
+    out = {}
+    for run in runs:
+        if not run.lineage or store.path("runs", run.run_id).is_file() or has_checkpoint(store.sae_dir(run.run_id)):
+            continue
+        earlier = [e for e in previous if e.get("lineage") == run.lineage and e.get("run_id") != run.run_id
+                   and isinstance(e.get("budget"), int) and e["budget"] < run.train["train_tokens"]
+                   and has_checkpoint(store.sae_dir(e["run_id"]))]
+        if earlier:
+            out[run.run_id] = max(earlier, key=lambda e: e["budget"])["run_id"]
+    return out
 
 
 def pending_reason(run: RunPlan, previous: list[dict]) -> str:
@@ -212,6 +236,9 @@ def pending_reason(run: RunPlan, previous: list[dict]) -> str:
     for entry in previous:
         if entry.get("run_id") == run.run_id:
             return "planned before, not finished"
+    for entry in previous:
+        if run.lineage and entry.get("lineage") == run.lineage and entry.get("budget", 0) < run.train["train_tokens"]:
+            return f"budget raised from run {entry.get('run_id')}'s {entry.get('budget'):,} tokens"
     for entry in previous:
         old = entry.get("inputs")
         if entry.get("settings") != run.settings or not isinstance(old, dict) or old == run.inputs:

@@ -20,15 +20,20 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from orchestrator.multiprocess_run import process_options, train_group
-from orchestrator.plan import RunPlan, Sweep, pack_runs, plan_sweep, search_cells
+from orchestrator.plan import RunPlan, Sweep, continuations, pack_runs, plan_sweep, search_cells
 from orchestrator.search import Round, plan_round
 from orchestrator.spec import SweepSpec
 from orchestrator.status import summary
 from orchestrator.store import DONE
 from orchestrator.worker import now_utc, run_row, train_pack
+from sae_core.architectures import parse_sae_config
+from sae_core.architectures.base import registry
 from sae_core.cache_dir import cache_root as default_cache_root
-from sae_core.errors import ConfigError
+from sae_core.checkpoint import adopt_checkpoint
+from sae_core.config import parse_train_config, with_family_defaults
+from sae_core.errors import ConfigError, DataError
 from sae_core.evaluation.downstream import null_downstream
+from sae_core.trainer import train_fingerprint
 
 POLL_S = 1.0
 
@@ -163,6 +168,9 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
         check_memory(ray, sweep, todo)
     for line in store.set_aside(broken):
         echo(line)
+    if search is None:  # a search's rungs are fractions of the new budget: its runs start over
+        for line in _continue_runs(sweep, todo):
+            echo(line)
     store.save_spec(sweep.text)
     store.save_plan([r.plan_entry() for r in sweep.runs])
     echo(f"sweep {sweep.spec.name}: {len(sweep.runs)} runs, {len(done)} already done -> {store.dir}")
@@ -199,6 +207,26 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
         _search_summary(sweep, store, echo)
         return 0 if not _search_round(sweep, store).targets else 1
     return 0 if store.done(ids) >= {r.run_id for r in todo} - set(skipped) else 1
+
+
+def _continue_runs(sweep: Sweep, todo: list[RunPlan]) -> list[str]:
+    """Runs whose budget was raised start from the checkpoint of the shorter run they extend
+    (plan.continuations); done here, before plan.json forgets the shorter runs."""
+    store = sweep.store
+    try:
+        previous = store.plan()
+    except DataError:
+        return []
+    lines = []
+    for rid, earlier in continuations(todo, previous, store).items():
+        run = next(r for r in todo if r.run_id == rid)
+        sae_cfg = parse_sae_config(run.sae)
+        fingerprint = train_fingerprint(sae_cfg, with_family_defaults(parse_train_config(run.train),
+                                                                      registry()[run.arch].train_defaults))
+        tokens = adopt_checkpoint(store.sae_dir(earlier), store.sae_dir(rid), fingerprint)
+        lines.append(f"run {rid} continues run {earlier} from its checkpoint at {tokens:,} tokens (budget raised to "
+                     f"{run.train['train_tokens']:,})")
+    return lines
 
 
 def _train(ray, sweep: Sweep, todo: list[RunPlan], need: dict, max_parallel: int | None,

@@ -201,3 +201,19 @@ def consolidate(out_dir: Path, device: str | torch.device = "cpu"):
     except (KeyError, RuntimeError) as err:
         raise UnreadableCheckpoint(out_dir, err) from None
     return sae.to(device)
+
+
+def adopt_checkpoint(src: Path, dst: Path, fingerprint: str) -> int:
+    """Copy src's checkpoint into dst as the checkpoint of another config (its fingerprint): a run with a
+    larger budget that continues where src stopped (the trainer's `continuable`). Returns the tokens it holds.
+    The manifest is written last, so a crash leaves dst without a checkpoint, never with half of one."""
+    src, dst = Path(src), Path(dst)
+    manifest = json.loads((src / MANIFEST).read_text())
+    for shard in manifest["shards"]:
+        target = dst / shard["file"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / shard["file"], target)
+    manifest["state"] = {**manifest["state"], "fingerprint": fingerprint}
+    write_json_atomic(dst / MANIFEST, manifest)
+    return int(manifest["state"]["tokens"])
+

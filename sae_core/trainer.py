@@ -99,6 +99,19 @@ def resolved_resamples(sae_cfg: SAEConfig, cfg: TrainConfig) -> int:
     return registry()[sae_cfg.arch].default_resamples if cfg.resample_dead is None else cfg.resample_dead
 
 
+def train_fingerprint(sae_cfg: SAEConfig, cfg: TrainConfig) -> str:
+    """What a checkpoint must have been trained with to be resumed (TrainConfig with the family defaults)."""
+    ident = {"sae": sae_cfg.model_dump(), "train": cfg.model_dump(exclude={"device"})}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def continuable(sae_cfg: SAEConfig, cfg: TrainConfig) -> bool:
+    """Whether a run trained to T tokens is exactly the first T tokens of the same run with a larger budget:
+    nothing in its step depends on the budget (no lr warm-up or decay, whose lengths are fractions of it, and
+    no dead-latent resampling, whose steps are) and the data stream is the same endless one (it is)."""
+    return cfg.lr_warmup_frac == 0 and cfg.lr_decay_frac == 0 and resolved_resamples(sae_cfg, cfg) == 0
+
+
 def layout_problems(sae_cfg: SAEConfig, cfg: TrainConfig, shards: int, replicas: int) -> list[str]:
     """Why S shards x R replicas cannot train this run, as "key: reason; allowed" lines (none if they can)."""
     problems = []
@@ -142,8 +155,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = resolve_device(self.cfg.device)
         self.selection = resolve_selection(self.cfg.topk_select, self.cfg.topk_select_capacity, self.device)
-        ident = {"sae": self.sae_cfg.model_dump(), "train": self.cfg.model_dump(exclude={"device"})}
-        self.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        self.fingerprint = train_fingerprint(self.sae_cfg, self.cfg)
 
     # --- setup -----------------------------------------------------------------------------
     def _init_from_data(self, sae: SAE) -> tuple[float, float]:

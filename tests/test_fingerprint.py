@@ -291,7 +291,8 @@ def test_pending_reason_and_plan_entries(tmp_path):
     sweep = _acts_sweep(path)
     old = _plan(sweep)
     entries = [r.plan_entry() for r in old]
-    assert all(set(e) == {"run_id", "arch", "layer", "axes", "settings", "inputs"} for e in entries)
+    assert all(set(e) == {"run_id", "arch", "layer", "axes", "settings", "inputs", "lineage", "budget"}
+               for e in entries)
     assert json.loads(json.dumps(entries)) == entries  # what plan.json holds
     assert all(pending_reason(r, []) == "new grid point" for r in old)
     assert all(pending_reason(r, entries) == "planned before, not finished" for r in old)

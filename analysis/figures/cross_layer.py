@@ -150,15 +150,18 @@ def fig_multi_vs_per_layer(layers: pd.DataFrame, runs: pd.DataFrame) -> Figure:
     fig, axes = subplots(len(panels))
     for (multi, mine, per), color in zip(pairs, sequential_colors(len(pairs))):
         n, n_layers = multi["n_latents"], len(mine)
+        # every panel's mean over layers (nmse, downstream) in the one legend
+        multi_mean, per_mean = (", ".join(f"{y.split('_')[0]} {side[y].mean():.3g}" for y, _ in panels)
+                                for side in (mine, per))
         for ax, (y, _) in zip(axes, panels):
             ax.plot(mine["layer"], mine[y], marker="o", color=color, gid="multi_layer",
-                    label=f"one SAE over {n_layers} layers, n={n_label(n)} (mean {mine[y].mean():.3g})")
+                    label=f"one SAE over {n_layers} layers, n={n_label(n)} (mean {multi_mean})")
             ax.plot(per["layer"], per[y], marker="s", ls="--", color=color, gid="per_layer",
-                    label=f"{n_layers} SAEs, n={n_label(n / n_layers)} each (mean {per[y].mean():.3g})")
+                    label=f"{n_layers} SAEs, n={n_label(n / n_layers)} each (mean {per_mean})")
     for ax, (_, ylabel) in zip(axes, panels):
         ax.set_xlabel("layer")
         ax.set_ylabel(ylabel)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        add_legend(ax)
+    add_legend(axes[0], outside=True)  # the panels draw the same series: one legend, with every panel's means
     fig.suptitle("multi-layer vs per-layer SAEs at equal total latents")
     return fig
