@@ -79,7 +79,9 @@ def fig_downstream(runs: pd.DataFrame) -> Figure:
     architecture's lower envelope; (b) vs n_latents, one series per k where k sets L0, others their best per n."""
     if (runs is not None and not runs.empty and "downstream_loss" in runs
             and numeric(runs, "downstream_loss").isna().all()):
-        reasons = runs["downstream_null_reason"].dropna().unique() if "downstream_null_reason" in runs else []
+        # the finished runs' reason first: a stopped or failed run's says only that it did not finish
+        ranked = runs.sort_values("status", key=lambda s: s.astype(str) != "ok") if "status" in runs else runs
+        reasons = ranked["downstream_null_reason"].dropna().unique() if "downstream_null_reason" in runs else []
         raise SkipFigure("downstream_loss is null for every run" + (f": {reasons[0]}" if len(reasons) else ""))
     d, note, _ = one_site(ok_runs(runs, ("downstream_loss",), positive=()))
     d, dropped = at_best_lr(d, "downstream_loss")
