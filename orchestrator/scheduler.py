@@ -10,6 +10,7 @@ Ctrl-C cancels what is running: the next `run` resumes from the checkpoints.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -21,7 +22,7 @@ from urllib.parse import urlparse
 
 from orchestrator.multiprocess_run import process_options, train_group
 from orchestrator.plan import RunPlan, Sweep, continuations, pack_runs, plan_sweep, search_cells
-from orchestrator.search import Round, plan_round
+from orchestrator.search import Round, cell_key, plan_round
 from orchestrator.spec import SweepSpec
 from orchestrator.status import summary
 from orchestrator.store import DONE
@@ -168,9 +169,8 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
         check_memory(ray, sweep, todo)
     for line in store.set_aside(broken):
         echo(line)
-    if search is None:  # a search's rungs are fractions of the new budget: its runs start over
-        for line in _continue_runs(sweep, todo):
-            echo(line)
+    for line in (_continue_runs(sweep, todo) if search is None else _carry_searches(sweep)):
+        echo(line)
     store.save_spec(sweep.text)
     store.save_plan([r.plan_entry() for r in sweep.runs])
     echo(f"sweep {sweep.spec.name}: {len(sweep.runs)} runs, {len(done)} already done -> {store.dir}")
@@ -213,19 +213,64 @@ def _continue_runs(sweep: Sweep, todo: list[RunPlan]) -> list[str]:
     """Runs whose budget was raised start from the checkpoint of the shorter run they extend
     (plan.continuations); done here, before plan.json forgets the shorter runs."""
     store = sweep.store
-    try:
-        previous = store.plan()
-    except DataError:
-        return []
     lines = []
-    for rid, earlier in continuations(todo, previous, store).items():
+    for rid, earlier in continuations(todo, _previous_plan(store), store).items():
         run = next(r for r in todo if r.run_id == rid)
-        sae_cfg = parse_sae_config(run.sae)
-        fingerprint = train_fingerprint(sae_cfg, with_family_defaults(parse_train_config(run.train),
-                                                                      registry()[run.arch].train_defaults))
-        tokens = adopt_checkpoint(store.sae_dir(earlier), store.sae_dir(rid), fingerprint)
+        tokens = _adopt(store, earlier, run)
         lines.append(f"run {rid} continues run {earlier} from its checkpoint at {tokens:,} tokens (budget raised to "
                      f"{run.train['train_tokens']:,})")
+    return lines
+
+
+def _previous_plan(store) -> list[dict]:
+    try:
+        return store.plan()
+    except DataError:  # rewritten by this run
+        return []
+
+
+def _adopt(store, earlier: str, run: RunPlan) -> int:
+    fingerprint = train_fingerprint(parse_sae_config(run.sae), with_family_defaults(
+        parse_train_config(run.train), registry()[run.arch].train_defaults))
+    return adopt_checkpoint(store.sae_dir(earlier), store.sae_dir(run.run_id), fingerprint)
+
+
+def _carry_searches(sweep: Sweep) -> list[str]:
+    """A search that finished, whose budget was then raised (over the same data): each candidate takes its
+    shorter run's row (status stopped), curve and rung records, exactly its own up to there (a winner its
+    checkpoint too), and the cell remembers its earlier budget (store.search_history): one more rung, past
+    which only the winners continue. They train on to the new budget; the others stay stopped."""
+    store, cfg = sweep.store, sweep.spec.search
+    previous = _previous_plan(store)
+    budgets = {e["run_id"]: e.get("budget") for e in previous}
+    carried = continuations(sweep.runs, previous, store)
+    history = store.search_history()
+    by_id = {r.run_id: r for r in sweep.runs}
+    old_cells = {e["run_id"]: cell_key(e.get("axes", {}), e.get("layer"), by_id[new].model, cfg.axis)
+                 for new, old in carried.items() for e in previous if e["run_id"] == old}
+    lines = []
+    for key, cands in search_cells(sweep.runs, cfg.axis).items():
+        olds = {c.run_id: carried.get(c.run_id) for c in cands}
+        rows = store.rows_of(o for o in olds.values() if o)
+        if None in olds.values() or len(rows) < len(olds) or not any(r["status"] == "ok" for r in rows.values()):
+            continue  # not every candidate has a shorter run, or their search did not finish: a search anew
+        for new, old in olds.items():
+            row = rows[old]
+            if row["status"] == "ok":  # a winner goes on from its checkpoint; the others stay where they stopped
+                _adopt(store, old, by_id[new])
+            config = json.loads(row["config_json"])
+            config["train"]["train_tokens"] = by_id[new].train["train_tokens"]
+            store.write_run({**row, "run_id": new, "status": "stopped", "config_json": json.dumps(config)},
+                            store.curve(old))
+            for rung, rec in sorted(store.rungs([old]).get(old, {}).items()):
+                store.add_rung(new, {"rung": rung, "tokens": rec["tokens"], "nmse": rec["nmse"]})
+        old_budget = budgets.get(next(iter(olds.values())))
+        history[key] = history.get(old_cells.get(next(iter(olds.values()))), []) + [old_budget]
+        winners = [new for new, old in olds.items() if rows[old]["status"] == "ok"]
+        lines.append(f"search: budget raised from {old_budget:,}: {len(winners)} winner(s) of {len(olds)} continue "
+                     f"({', '.join(winners)})")
+    if lines:
+        store.save_search_history(history)
     return lines
 
 
@@ -285,7 +330,7 @@ def _search_round(sweep: Sweep, store) -> Round:
     cells = search_cells(sweep.runs, sweep.spec.search.axis)
     records = store.rungs(ids)
     curves = {rid: store.curve(rid) for rid in records}
-    return plan_round(cells, records, curves, sweep.spec.search, store.done(ids))
+    return plan_round(cells, records, curves, sweep.spec.search, store.done(ids), store.search_history())
 
 
 def _search_summary(sweep: Sweep, store, echo: Callable[[str], None]) -> None:

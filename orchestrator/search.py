@@ -125,38 +125,55 @@ class Round:
     stopped: dict[str, int]  # run_id -> the rung it was stopped at
 
 
-def _rank(c: Candidate, i: int, fractions: list[float], records: Mapping[str, Mapping[int, dict]],
+def schedule(cfg: SearchConfig, cands: list[Candidate], earlier: list[int] = ()) -> tuple[list[float], list[int]]:
+    """A cell's rungs, as fractions of its first budget, and how many continue past each. earlier: the budgets
+    the cell had before (ascending), when its budget was raised after its search had finished: the search
+    ran on the first of them, and each is one more rung past which `keep` continue (its winners go on)."""
+    first = earlier[0] if earlier else cands[0].budget
+    fractions = cfg.fractions(len(cands))
+    survivors = cfg.survivors(len(cands), len(fractions))
+    return fractions + [b / first for b in earlier], survivors + [cfg.keep] * len(earlier)
+
+
+def _tokens(c: Candidate, fractions: list[float], first: int) -> list[int]:
+    return [rung_tokens(f, first, c.batch_size) for f in fractions]
+
+
+def _rank(c: Candidate, i: int, tokens: list[int], records: Mapping[str, Mapping[int, dict]],
           curves: Mapping[str, list[dict]], rank: str) -> tuple[float, str]:
-    """A candidate's sort key at rung i (ties by run_id, so every re-run ranks alike)."""
+    """A candidate's sort key at rung i of its rung tokens (ties by run_id, so every re-run ranks alike)."""
     mine = records.get(c.run_id, {})
     rec = mine.get(i)
     if rec is None:  # trained to the budget before the search (a grid run): its final nmse
-        final = mine.get(len(fractions), {}).get("nmse")
+        final = mine.get(len(tokens), {}).get("nmse")
         return (final if final is not None else math.inf, c.run_id)
-    nxt = rung_tokens(fractions[i + 1], c.budget, c.batch_size) if i + 1 < len(fractions) else c.budget
+    nxt = tokens[i + 1] if i + 1 < len(tokens) else c.budget
     curve = [p for p in curves.get(c.run_id, []) if p.get("tokens", 0) <= rec["tokens"]]
     return (score(rec["nmse"], rec["tokens"], nxt, curve, rank), c.run_id)
 
 
 def plan_round(cells: Mapping[str, list[Candidate]], records: Mapping[str, Mapping[int, dict]],
-               curves: Mapping[str, list[dict]], cfg: SearchConfig, done: set[str]) -> Round:
+               curves: Mapping[str, list[dict]], cfg: SearchConfig, done: set[str],
+               history: Mapping[str, list[int]] | None = None) -> Round:
     """The next round of the search from what is on disk. records: run_id -> rung -> {tokens, nmse} (rung
     len(rungs): the full budget; a run finished before the search has only that one); curves: run_id -> its
-    curve rows; done: the runs that finished their full budget."""
+    curve rows; done: the runs that finished their full budget; history: cell -> its earlier budgets
+    (`schedule`)."""
     targets: dict[str, tuple[int, int]] = {}
     winners: dict[str, list[str]] = {}
     stopped: dict[str, int] = {}
     for key, cands in cells.items():
-        fractions = cfg.fractions(len(cands))
-        survivors = cfg.survivors(len(cands), len(fractions))
+        earlier = list((history or {}).get(key, []))
+        fractions, survivors = schedule(cfg, cands, earlier)
+        first = earlier[0] if earlier else cands[0].budget
+        tokens = {c.run_id: _tokens(c, fractions, first) for c in cands}
         alive = sorted(cands, key=lambda c: c.run_id)
-        for i, frac in enumerate(fractions):
+        for i in range(len(fractions)):
             missing = [c for c in alive if i not in records.get(c.run_id, {}) and c.run_id not in done]
             if missing:
-                targets.update({c.run_id: (i, rung_tokens(frac, c.budget, c.batch_size)) for c in missing})
+                targets.update({c.run_id: (i, tokens[c.run_id][i]) for c in missing})
                 break
-
-            ranked = sorted(alive, key=lambda c, i=i: _rank(c, i, fractions, records, curves, cfg.rank))
+            ranked = sorted(alive, key=lambda c, i=i: _rank(c, i, tokens[c.run_id], records, curves, cfg.rank))
             for c in ranked[survivors[i]:]:
                 stopped[c.run_id] = i
             alive = ranked[:survivors[i]]

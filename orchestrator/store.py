@@ -175,8 +175,8 @@ class ResultsStore:
         self._save_if_changed(self.dir / "sweep.yaml", text)
 
     def save_plan(self, runs: list[dict]) -> None:
-        """The planned runs (run_id, arch, layer, axes, settings, inputs: RunPlan.plan_entry): only their rows count in status, results, fits
-        and figures, so a grid point removed from the sweep leaves its files on disk but out of the analysis."""
+        """The planned runs (RunPlan.plan_entry): only their rows count in status, results, fits and figures, so
+        a grid point removed from the sweep leaves its files on disk but out of the analysis."""
         self._save_if_changed(self.dir / "plan.json", json.dumps(runs, indent=2, sort_keys=True, default=str) + "\n")
 
     @staticmethod
@@ -188,6 +188,20 @@ class ResultsStore:
         except (OSError, UnicodeDecodeError):
             pass
         write_text_atomic(path, text)
+
+    def search_history(self) -> dict[str, list[int]]:
+        """A search's cells whose budget was raised after their search finished: cell -> the earlier budgets
+        (orchestrator.search.schedule)."""
+        path = self.dir / "search.json"
+        if not path.is_file():
+            return {}
+        try:
+            return {str(k): [int(b) for b in v] for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, TypeError, AttributeError) as err:
+            raise BrokenFile(path, f"not a mapping of cells to budgets ({err})") from None
+
+    def save_search_history(self, history: dict[str, list[int]]) -> None:
+        self._save_if_changed(self.dir / "search.json", json.dumps(history, indent=1, sort_keys=True) + "\n")
 
     def plan(self) -> list[dict]:
         path = self.dir / "plan.json"

@@ -260,3 +260,42 @@ def test_a_grid_without_rungs_has_no_estimates(tmp_path):
 
     store = _searched_store(tmp_path)
     assert search_estimates(load_runs(store.dir), None).empty
+
+
+def test_raising_a_finished_searchs_budget_continues_its_winners_exactly(tmp_path, ray_local, capsys):
+    from analysis.results import load_runs
+    from orchestrator.cli import main
+
+    def sweep(budget, lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2), search=True):
+        spec = {"name": "grow", "data": {"synthetic": {"d_in": 16, "n_features": 64, "active_per_vector": 4},
+                                         "train_tokens": 27_000, "eval_tokens": 1024},
+                "grid": {"arch": ["topk"], "n_latents": [64], "k": [4], "lr": list(lrs)},
+                "overrides": {"topk": {"train_tokens": budget}},
+                "train": {"batch_size": 200, "init_samples": 512, "curve_points_per_decade": 8},
+                "eval": {"recovery": False, "refinement": False}, "pack_size": 5, **({"search": {}} if search else {})}
+        path = tmp_path / f"grow-{budget}-{len(lrs)}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return str(path)
+
+    results = str(tmp_path / "results")
+    assert main(["run", sweep(9_000), "--results", results]) == 0
+    short = load_runs(tmp_path / "results" / "grow")
+    (winner_lr,) = short.loc[short.status == "ok", "lr"]
+    capsys.readouterr()
+    assert main(["run", sweep(27_000), "--results", results]) == 0
+    out = capsys.readouterr().out
+    assert "search: budget raised from 9,000: 1 winner(s) of 5 continue" in out
+    grown = load_runs(tmp_path / "results" / "grow")
+    assert sorted(grown.status) == ["ok"] + ["stopped"] * 4 and set(grown.run_id).isdisjoint(short.run_id)
+    (won,) = grown[grown.status == "ok"].itertuples()
+    assert won.lr == winner_lr and won.tokens == 27_000
+    # the others kept what they had: the same tokens and nmse as their shorter runs
+    assert sorted(grown.loc[grown.status == "stopped", "tokens"]) == sorted(short.loc[short.status == "stopped",
+                                                                                     "tokens"])
+    # and the winner ends where a run trained from scratch to 27k at its lr ends
+    assert main(["run", sweep(27_000, lrs=(winner_lr,), search=False), "--results", str(tmp_path / "scratch")]) == 0
+    (scratch,) = load_runs(tmp_path / "scratch" / "grow").itertuples()
+    assert scratch.run_id == won.run_id and won.nmse == pytest.approx(scratch.nmse, rel=1e-6)
+    capsys.readouterr()
+    assert main(["run", sweep(27_000), "--results", results]) == 0  # nothing left to do
+    assert "search winner" not in capsys.readouterr().out
