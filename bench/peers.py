@@ -16,7 +16,8 @@ same batches and reports held-out nmse, so speed is not bought with quality; a t
 that over --quality-budget-s is skipped. For ours it also reports the share of the exact top-k winners that
 the bf16 ranking picks on the held-out vectors, and both encoder forwards' times.
 A trainer whose estimated peak memory (working set included) exceeds MemAvailable is skipped before it starts.
-Last, how s/step grows with n over the TopK configs measured.
+Last, how s/step grows with n over the TopK configs measured. First, the machine (bench/machine.py: CPU
+kind, torch build, fastest matmul dtype): a table holds for the CPU kind it was measured on only.
 
 Usage: .venv/bin/python bench/peers.py [--configs topk-24k,topk-98k,relu-24k] [--reps 2] [--steps 4]
        [--warmup 2] [--threads 2] [--quality-steps 32] [--quality-budget-s 900]
@@ -300,6 +301,9 @@ def main() -> None:
         print(json.dumps(quality_worker(args.worker, cfg, args.quality_steps, args.threads) if args.quality
                          else worker(args.worker, cfg, args.steps, args.warmup, args.threads)))
         return
+    from machine import describe  # bench/machine.py: which CPU kind the table belongs to
+
+    print(describe() + "\n")
     peers = ensure_peer_venv()
     names = args.configs.split(",")
     vectors = " / ".join(dict.fromkeys(f"{args.quality_steps * CONFIGS[n]['batch']:,}" for n in names))

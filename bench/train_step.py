@@ -81,7 +81,9 @@ def main() -> None:
     ap.add_argument("--skip-naive", action="store_true", help="the naive step needs ~4 dense B x n buffers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, k {args.k}, fp32, CPU\n")
+    from machine import describe  # bench/machine.py: which CPU kind the table belongs to
+
+    print(f"{describe()}\nbatch {args.batch}, k {args.k}, fp32 parameters\n")
     rows = []
     for spec in args.configs:
         shape, _, archs = spec.partition(":")
