@@ -48,6 +48,9 @@ CONFIGS = {
     "topk-98k": dict(arch="topk", d=768, n=98304, k=32, batch=4096),
     "relu-24k": dict(arch="relu", d=768, n=24576, k=None, batch=4096),
     "topk-1m": dict(arch="topk", d=768, n=2**20, k=32, batch=4096),
+    # the GPU table (bench/gpu_check.sh): 2^15 to 2^20 latents at batch 4096 and 16384
+    **{f"gpu-{n // 1024}k-b{b // 1024}k": dict(arch="topk", d=768, n=n, k=32, batch=b)
+       for n in (2**15, 2**17, 2**20) for b in (4096, 16384)},
     # smoke checks of this script, not benchmarks
     "topk-tiny": dict(arch="topk", d=64, n=1024, k=8, batch=512),
     "relu-tiny": dict(arch="relu", d=64, n=1024, k=None, batch=512),
@@ -79,7 +82,7 @@ def adam_lr(n: int) -> float:
 
 
 # --- trainers (each returns step(x), reconstruct(x) and the model) -----------------------------------------
-def build_ours(cfg: dict, total: int, variant: str):
+def build_ours(cfg: dict, total: int, variant: str, device: str):
     sys.path.insert(0, str(ROOT))
     from sae_core import Trainer
     from sae_core.sources.base import ActivationSource
@@ -88,27 +91,27 @@ def build_ours(cfg: dict, total: int, variant: str):
         d_in = cfg["d"]
 
         def train_batch(self, step, batch_size):
-            return batch(cfg["d"], batch_size, 10_000 + step)
+            return batch(cfg["d"], batch_size, 10_000 + step).to(device)
 
         def eval_set(self):
-            return batch(cfg["d"], N_EVAL, 1)
+            return batch(cfg["d"], N_EVAL, 1).to(device)
 
     sae = {"arch": cfg["arch"], "d_in": cfg["d"], "n_latents": cfg["n"]}
     if cfg["k"]:
         sae["k"] = cfg["k"]
     train = {"train_tokens": total, "batch_size": cfg["batch"], "init_samples": cfg["batch"],
-             "curve_points_per_decade": 1}
+             "curve_points_per_decade": 1, "device": device}
     if variant == "ours-exact":
         train["topk_select"] = "exact"
     session = Trainer(sae, train, Stream()).start()
     return session.step, lambda x: session.sae.reconstruct(x), session.sae
 
 
-def build_sparsify(cfg: dict, total: int):
+def build_sparsify(cfg: dict, total: int, device: str):
     import torch
     from sparsify import SparseCoder, SparseCoderConfig
 
-    sae = SparseCoder(cfg["d"], SparseCoderConfig(num_latents=cfg["n"], k=cfg["k"]), device="cpu")
+    sae = SparseCoder(cfg["d"], SparseCoderConfig(num_latents=cfg["n"], k=cfg["k"]), device=device)
     opt = torch.optim.Adam(sae.parameters(), lr=adam_lr(cfg["n"]))
     first = [True]
 
@@ -126,20 +129,20 @@ def build_sparsify(cfg: dict, total: int):
     return step, lambda x: sae(x).sae_out, sae
 
 
-def build_saelens(cfg: dict, total: int):
+def build_saelens(cfg: dict, total: int, device: str):
     from sae_lens import SAETrainer, StandardTrainingSAE, TopKTrainingSAE
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 
     if cfg["arch"] == "topk":
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=cfg["d"], d_sae=cfg["n"], k=cfg["k"]))
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=cfg["d"], d_sae=cfg["n"], k=cfg["k"], device=device))
     else:
-        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=cfg["d"], d_sae=cfg["n"]))
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=cfg["d"], d_sae=cfg["n"], device=device))
     lr = adam_lr(cfg["n"])
     # lr_end only matters to decaying schedules (this one is constant), but the trainer asserts it is set
     trainer = SAETrainer(cfg=SAETrainerConfig(total_training_samples=total, train_batch_size_samples=cfg["batch"],
-                                              lr=lr, lr_end=lr, device="cpu",
+                                              lr=lr, lr_end=lr, device=device,
                                               logger=LoggingConfig(log_to_wandb=False)),
                          sae=sae, data_provider=iter(()))
 
@@ -151,48 +154,84 @@ def build_saelens(cfg: dict, total: int):
     return step, lambda x: sae.decode(sae.encode(x)), sae
 
 
-def build(trainer: str, cfg: dict, total: int):
+def build(trainer: str, cfg: dict, total: int, device: str):
     if trainer.startswith("ours"):
-        return build_ours(cfg, total, trainer)
-    return {"sparsify": build_sparsify, "saelens": build_saelens}[trainer](cfg, total)
+        return build_ours(cfg, total, trainer, device)
+    return {"sparsify": build_sparsify, "saelens": build_saelens}[trainer](cfg, total, device)
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so that a timer measures it (a CPU runs each op before returning)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 # --- workers (one per subprocess) ---------------------------------------------------------------------------
 def matmul_time(x, W) -> float:
-    """Best of 3 of the dense encoder matmul x @ W.T in W's dtype. Over latent chunks of at most 2^30
-    outputs: at n = 2^20 the whole B x n output (16 GiB in fp32) would not fit; one GEMM below that."""
+    """Best of 3 of the dense encoder matmul x @ W.T in W's dtype, on W's device. Over latent chunks of at
+    most 2^30 outputs: at n = 2^20 the whole B x n output (16 GiB in fp32) would not fit; one GEMM below."""
     chunk = max(1, GiB // x.shape[0])
+    device = str(W.device)
     times = []
     for _ in range(3):
+        synchronize(device)
         t0 = time.perf_counter()
-        xc = x.to(W.dtype)
+        xc = x.to(W.device, W.dtype)
         for start in range(0, W.shape[0], chunk):
             xc @ W[start:start + chunk].T
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return min(times)
 
 
-def worker(trainer: str, cfg: dict, steps: int, warmup: int, threads: int) -> dict:
+def encode_time(sae, x, k: int) -> float:
+    """Best of 3 of our TopK encoder forward (the default ranking, `topk_select: auto`) on x, synchronised."""
+    import torch
+
+    from sae_core.kernels import topk_encode
+    from sae_core.kernels.topk_select import resolve_selection
+
+    device = str(x.device)
+    arch, selection = sae.net, resolve_selection("auto", 2.0, x.device)
+    times = []
+    with torch.no_grad():
+        for _ in range(3):
+            synchronize(device)
+            t0 = time.perf_counter()
+            topk_encode(sae.normalize(x)[0] - arch.b_pre, arch.W_enc, arch.b_enc, k, selection=selection)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def worker(trainer: str, cfg: dict, steps: int, warmup: int, threads: int, device: str = "cpu") -> dict:
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    step = build(trainer, cfg, (steps + warmup) * cfg["batch"])[0]
+    step, _, sae = build(trainer, cfg, (steps + warmup) * cfg["batch"], device)
     times = []
     for i in range(warmup + steps):
-        x = batch(cfg["d"], cfg["batch"], 10_000 + i)
+        x = batch(cfg["d"], cfg["batch"], 10_000 + i).to(device)
+        synchronize(device)
         t0 = time.perf_counter()
         step(x)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
-    out = {"s_per_step": min(times[warmup:]), "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    peak = (torch.cuda.max_memory_allocated(device) if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    out = {"s_per_step": min(times[warmup:]), "peak_gib": peak / GiB}
     if trainer == "ours":  # the floor, same shapes, same process
-        del step  # at n = 2^20 the trainer's 18 GiB and the floor's operands do not fit together
+        x = batch(cfg["d"], cfg["batch"], 5).to(device)
+        if cfg["arch"] == "topk":  # the encoder forward against the bf16 matmul it could at best be
+            out["encode"] = encode_time(sae, x, cfg["k"])
+        del step, sae  # at n = 2^20 the trainer's 18 GiB and the floor's operands do not fit together
         gc.collect()
-        W = torch.randn(cfg["n"], cfg["d"])
-        Wb = W.bfloat16()
-        x = batch(cfg["d"], cfg["batch"], 5)
+        W = torch.randn(cfg["n"], cfg["d"], device=device)
         out["floor"] = matmul_time(x, W)
-        out["floor_bf16"] = matmul_time(x, Wb)
+        out["floor_bf16"] = matmul_time(x, W.bfloat16())
     return out
 
 
@@ -214,15 +253,15 @@ def selection_overlap(sae, x, k: int) -> dict:
     return {"overlap": float(hits.float().mean()), "encode_exact": seconds["exact"], "encode_bf16": seconds["bf16"]}
 
 
-def quality_worker(trainer: str, cfg: dict, steps: int, threads: int) -> dict:
+def quality_worker(trainer: str, cfg: dict, steps: int, threads: int, device: str = "cpu") -> dict:
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    step, reconstruct, sae = build(trainer, cfg, steps * cfg["batch"])
+    step, reconstruct, sae = build(trainer, cfg, steps * cfg["batch"], device)
     for i in range(steps):
-        step(batch(cfg["d"], cfg["batch"], 10_000 + i))
-    x = batch(cfg["d"], N_EVAL, 1)
+        step(batch(cfg["d"], cfg["batch"], 10_000 + i).to(device))
+    x = batch(cfg["d"], N_EVAL, 1).to(device)
     with torch.no_grad():
         x_hat = reconstruct(x).float()
         out = {"nmse": float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())}
@@ -255,12 +294,17 @@ def needs_gib(trainer: str, cfg: dict) -> float:
     return (4 * params + acts) / GiB
 
 
-def available_gib() -> float:
+def available_gib(device: str = "cpu") -> float:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0] / GiB
     return int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 2**20
 
 
 def run_one(python: Path, trainer: str, name: str, args, quality: bool = False) -> dict:
-    cmd = [str(python), __file__, "--worker", trainer, "--configs", name, "--threads", str(args.threads)]
+    cmd = [str(python), __file__, "--worker", trainer, "--configs", name, "--threads", str(args.threads),
+           "--device", args.device]
     cmd += (["--quality", "--quality-steps", str(args.quality_steps)] if quality
             else ["--steps", str(args.steps), "--warmup", str(args.warmup)])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -295,16 +339,20 @@ def main() -> None:
     ap.add_argument("--quality-budget-s", type=float, default=900)
     ap.add_argument("--worker")
     ap.add_argument("--quality", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU table (bench/gpu_check.sh)")
+    ap.add_argument("--peer-python", help="the python that runs the peers (default: bench/.venv, built on first "
+                                          "use); offline machines give one that has them")
     args = ap.parse_args()
     if args.worker:
         cfg = CONFIGS[args.configs]
-        print(json.dumps(quality_worker(args.worker, cfg, args.quality_steps, args.threads) if args.quality
-                         else worker(args.worker, cfg, args.steps, args.warmup, args.threads)))
+        print(json.dumps(quality_worker(args.worker, cfg, args.quality_steps, args.threads, args.device)
+                         if args.quality else worker(args.worker, cfg, args.steps, args.warmup, args.threads,
+                                                     args.device)))
         return
     from machine import describe  # bench/machine.py: which CPU kind the table belongs to
 
     print(describe() + "\n")
-    peers = ensure_peer_venv()
+    peers = Path(args.peer_python) if args.peer_python else ensure_peer_venv()
     names = args.configs.split(",")
     vectors = " / ".join(dict.fromkeys(f"{args.quality_steps * CONFIGS[n]['batch']:,}" for n in names))
     row("config", "trainer", "s/step", "vectors/s", "ours faster by", "x floor", "peak GiB",
@@ -314,7 +362,7 @@ def main() -> None:
     for name in names:
         cfg = CONFIGS[name]
         trainers = TRAINERS[cfg["arch"]]
-        free = available_gib()
+        free = available_gib(args.device)
         skip = {t: f"skipped: needs ~{need:.0f} GiB, {free:.0f} GiB available"
                 for t in trainers if (need := needs_gib(t, cfg)) > free}
         best: dict[str, dict] = {}
@@ -346,6 +394,10 @@ def main() -> None:
                 f"{s / floor:.2f}" if floor else "", f"{best[t]['peak_gib']:.1f}", *quality_cells(quality.get(t, {})))
             if name in GROWTH:
                 growth.setdefault(t, {})[cfg["n"]] = s
+        if "encode" in best.get("ours", {}):
+            enc, bf16 = best["ours"]["encode"], best["ours"]["floor_bf16"]
+            notes.append(f"{name}: ours' TopK encoder forward {enc:.4f} s against the dense bf16 matmul's {bf16:.4f} s: "
+                         f"{bf16 / enc:.0%} of the bf16 matmul rate")
         if floor:
             bf16 = best["ours"]["floor_bf16"]
             row(name, "encoder matmul fp32", f"{floor:.3f}", f"{cfg['batch'] / floor:,.0f}", "", "1.00")
