@@ -4,8 +4,9 @@
     curves = load_curves("results/my-sweep")      # training curves of every run
 Only the runs the sweep holds now count (its plan.json); `all_runs=True` adds the rows of grid points since
 removed from the sweep. A list of sweep folders gives their tables together (to compare sweeps of different
-models, say); a run two sweeps share counts once, from the first sweep that has it. Integer columns with nulls stay integers (pandas Int64); files being written are
-never read (they carry a temporary name until complete); an unreadable file raises an error naming it.
+models, say); a run two sweeps share counts once, from the first sweep that has it. Integer columns with
+nulls stay integers (pandas Int64); files being written are never read (they carry a temporary name until
+complete); an unreadable file raises an error naming it.
 """
 from __future__ import annotations
 

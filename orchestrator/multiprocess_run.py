@@ -108,13 +108,11 @@ def train_group(spec_data: dict, run: dict, results_root: str, cache_root: str |
     store = ResultsStore(results_root, spec.name)
     shards, replicas = spec.resources.layout
     world = shards * replicas
-    def finished() -> bool:
-        return plan.run_id in store.done([plan.run_id]) | store.at_rung({plan.run_id: rung} if rung else {})
-
-    if finished():
+    rungs = {plan.run_id: rung} if rung else None
+    if plan.run_id in store.ended([plan.run_id], rungs):
         return {}
     with store.lock(plan.run_id, LOCK_WAIT_S) as owned:
-        if not owned or finished():
+        if not owned or plan.run_id in store.ended([plan.run_id], rungs):
             return {}
         # A coordinator that died (its node lost) leaves its group and ranks behind, holding resources and writing
         # this run's checkpoints: removing the named group kills them before a new one starts.

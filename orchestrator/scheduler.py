@@ -25,7 +25,7 @@ from orchestrator.plan import RunPlan, Sweep, continuations, pack_runs, plan_swe
 from orchestrator.search import Round, cell_key, plan_round
 from orchestrator.spec import SweepSpec
 from orchestrator.status import summary
-from orchestrator.store import DONE
+from orchestrator.store import ENDED
 from orchestrator.worker import now_utc, run_row, train_pack
 from sae_core.architectures import parse_sae_config
 from sae_core.architectures.base import registry
@@ -126,7 +126,7 @@ class Progress:
         self.resumed = self._tokens({}, sweep.store.progress())  # trained before this run: not in the rate
 
     def _tokens(self, statuses: dict[str, str], prog: dict[str, dict]) -> int:
-        return sum(statuses.get(r) in (*DONE, "stopped") and self.total[r]
+        return sum(statuses.get(r) in ENDED and self.total[r]
                    or min(prog.get(r, {}).get("tokens", 0), self.total[r]) for r in self.total)
 
     def show(self, statuses: dict[str, str], running: int, force: bool = False) -> None:
@@ -138,7 +138,7 @@ class Progress:
         rate = max(tokens - self.resumed, 0) / max(now - self.t0, 1e-9)
         left = sum(self.total.values()) - tokens
         eta = f"{left / rate:,.0f} s" if rate > 0 else "?"
-        done = sum(s in (*DONE, "stopped") for s in statuses.values())
+        done = sum(s in ENDED for s in statuses.values())
         failed = sum(s == "failed" for s in statuses.values())
         line = (f"runs: {done} done, {running} running, {failed} failed, {len(self.total) - done - failed - running} "
                 f"pending | {rate:,.0f} tokens/s | ETA {eta}")
@@ -194,8 +194,9 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
                 echo(f"search: {len(runs)} runs to rung{'s' * (len(rungs) > 1)} {', '.join(map(str, rungs))} "
                      f"({len(step.stopped)} stopped so far)")
                 statuses.update(_train(ray, sweep, runs, need, max_parallel, echo, step.targets))
-                if any(statuses.get(r.run_id) not in (*DONE, "stopped") for r in runs):
+                if any(statuses.get(r.run_id) not in (*ENDED, None) for r in runs):
                     break  # a failed run: its cell cannot be ranked; the next `run` retries it
+                _wait_for_holders(store, [r.run_id for r in runs if r.run_id not in statuses], echo)
     except KeyboardInterrupt:
         echo("\nstopped: finished runs are saved; `sae-scaling run` again resumes the rest from their checkpoints")
         return 130
@@ -204,8 +205,9 @@ def run_sweep(path: str | Path, results: str | Path = "results", address: str | 
         echo(f"{len(skipped)} runs were held by another process (their lock); `sae-scaling status` shows them")
     summary(store, echo)
     if search is not None:
-        _search_summary(sweep, store, echo)
-        return 0 if not _search_round(sweep, store).targets else 1
+        final = _search_round(sweep, store)
+        _search_summary(sweep, store, final, echo)
+        return 0 if not final.targets else 1
     return 0 if store.done(ids) >= {r.run_id for r in todo} - set(skipped) else 1
 
 
@@ -242,12 +244,10 @@ def _carry_searches(sweep: Sweep) -> list[str]:
     which only the winners continue. They train on to the new budget; the others stay stopped."""
     store, cfg = sweep.store, sweep.spec.search
     previous = _previous_plan(store)
-    budgets = {e["run_id"]: e.get("budget") for e in previous}
+    entries = {e["run_id"]: e for e in previous}
     carried = continuations(sweep.runs, previous, store)
     history = store.search_history()
     by_id = {r.run_id: r for r in sweep.runs}
-    old_cells = {e["run_id"]: cell_key(e.get("axes", {}), e.get("layer"), by_id[new].model, cfg.axis)
-                 for new, old in carried.items() for e in previous if e["run_id"] == old}
     lines = []
     for key, cands in search_cells(sweep.runs, cfg.axis).items():
         olds = {c.run_id: carried.get(c.run_id) for c in cands}
@@ -264,8 +264,10 @@ def _carry_searches(sweep: Sweep) -> list[str]:
                             store.curve(old))
             for rung, rec in sorted(store.rungs([old]).get(old, {}).items()):
                 store.add_rung(new, {"rung": rung, "tokens": rec["tokens"], "nmse": rec["nmse"]})
-        old_budget = budgets.get(next(iter(olds.values())))
-        history[key] = history.get(old_cells.get(next(iter(olds.values()))), []) + [old_budget]
+        old = entries[next(iter(olds.values()))]  # the shorter runs' cell and budget
+        old_budget = old.get("budget")
+        old_key = cell_key(old.get("axes", {}), old.get("layer"), by_id[cands[0].run_id].model, cfg.axis)
+        history[key] = history.get(old_key, []) + [old_budget]
         winners = [new for new, old in olds.items() if rows[old]["status"] == "ok"]
         lines.append(f"search: budget raised from {old_budget:,}: {len(winners)} winner(s) of {len(olds)} continue "
                      f"({', '.join(winners)})")
@@ -324,6 +326,17 @@ def _train(ray, sweep: Sweep, todo: list[RunPlan], need: dict, max_parallel: int
     return statuses
 
 
+def _wait_for_holders(store, held: list[str], echo: Callable[[str], None]) -> None:
+    """A search's runs left to another process that holds their locks (a killed driver's workers finishing
+    their pack, say): the round is decided on what they record, so wait until their locks are released."""
+    waiting = set(held) & store.running()
+    if waiting:
+        echo(f"search: waiting for {len(waiting)} runs another process holds (their lock) to reach their rung")
+    while waiting:
+        time.sleep(POLL_S)
+        waiting &= store.running()
+
+
 def _search_round(sweep: Sweep, store) -> Round:
     """The search's next round, from the rung records, curves and rows on disk."""
     ids = [r.run_id for r in sweep.runs]
@@ -333,14 +346,13 @@ def _search_round(sweep: Sweep, store) -> Round:
     return plan_round(cells, records, curves, sweep.spec.search, store.done(ids), store.search_history())
 
 
-def _search_summary(sweep: Sweep, store, echo: Callable[[str], None]) -> None:
-    """Each cell's winner and the compute spent against the full grid's."""
-    rows = store.rows_of(r.run_id for r in sweep.runs)
-    spent = store.flops_spent(rows)
+def _search_summary(sweep: Sweep, store, step: Round, echo: Callable[[str], None]) -> None:
+    """Each cell's winner (`step`: the search's last round) and the compute spent against the full grid's."""
+    spent = store.flops_spent(r.run_id for r in sweep.runs)
     full = sum(r.flops() for r in sweep.runs)
-    step = _search_round(sweep, store)
     axis = sweep.spec.search.axis
     by_id = {r.run_id: r for r in sweep.runs}
+    rows = store.rows_of(rid for winners in step.winners.values() for rid in winners)
     for winners in step.winners.values():
         for rid in winners:
             row = rows.get(rid, {})

@@ -187,8 +187,8 @@ def expected_flops(cells: Mapping[str, list[Candidate]], cfg: SearchConfig) -> f
     """The search's training FLOPs if it runs to the end (each rung's survivors continue from the last rung)."""
     total = 0.0
     for cands in cells.values():
-        fractions = cfg.fractions(len(cands))
-        counts = [len(cands), *cfg.survivors(len(cands), len(fractions))]
+        fractions, survivors = schedule(cfg, cands)
+        counts = [len(cands), *survivors]
         c = cands[0]
         edges = [0, *(rung_tokens(f, c.budget, c.batch_size) for f in fractions), c.budget]
         per_token = sum(x.flops_per_token for x in cands) / len(cands)

@@ -36,6 +36,7 @@ from sae_core.evaluation.run import RUN_TABLES
 from sae_core.io import write_atomic, write_json_atomic, write_text_atomic
 
 DONE = ("ok", "diverged")
+ENDED = (*DONE, "stopped")  # stopped: by a search at a rung (orchestrator/search.py); its row stays as it is
 IMPORTED = "import-"  # run ids of SAEs added by `sae-scaling import`: never in a plan, always counted
 SAE_WEIGHTS, SAE_CONFIG = "sae.safetensors", "config.json"
 
@@ -327,10 +328,11 @@ class ResultsStore:
         rows = {**self.rungs([run_id]).get(run_id, {}), int(record["rung"]): {"run_id": run_id, **record}}
         write_parquet_atomic(self.path("rungs", run_id), [rows[k] for k in sorted(rows)])
 
-    def at_rung(self, targets: dict[str, tuple[int, int]]) -> set[str]:
-        """Those runs of a search's round that already reached their target rung."""
-        have = self.rungs(targets)
-        return {rid for rid, (rung, _) in targets.items() if rung in have.get(rid, {})}
+    def ended(self, run_ids, rungs: dict[str, tuple[int, int]] | None = None) -> set[str]:
+        """Those of run_ids with nothing left to train: done (ok or diverged), or, for the runs of a search's
+        round (`rungs`: run_id -> (rung, tokens)), already at their target rung."""
+        have = self.rungs(rungs or {})
+        return self.done(run_ids) | {rid for rid, (rung, _) in (rungs or {}).items() if rung in have.get(rid, {})}
 
     def write_run(self, row: dict, curve: list[dict] = (), tables: dict[str, list[dict]] | None = None) -> None:
         """The run's tables first (its curve, and the evaluation's: table name -> rows), its row last: a row on

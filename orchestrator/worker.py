@@ -126,9 +126,9 @@ def train_pack(spec_data: dict, runs: list[dict], results_root: str, cache_root:
     plans = [RunPlan(**r) for r in runs]
     finished: dict[str, str] = {}
     with ExitStack() as stack:
-        done = store.done(p.run_id for p in plans) | store.at_rung(rungs)
+        done = store.ended([p.run_id for p in plans], rungs)
         owned = [p for p in plans if p.run_id not in done and stack.enter_context(store.lock(p.run_id, LOCK_WAIT_S))]
-        done = store.done(p.run_id for p in owned) | store.at_rung(rungs)  # finished while we waited for its lock
+        done = store.ended([p.run_id for p in owned], rungs)  # finished while we waited for its lock
         owned = [p for p in owned if p.run_id not in done]
         if not owned:
             return finished
