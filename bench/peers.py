@@ -20,7 +20,9 @@ Last, how s/step grows with n over the TopK configs measured. First, the machine
 kind, torch build, fastest matmul dtype): a table holds for the CPU kind it was measured on only.
 
 Usage: .venv/bin/python bench/peers.py [--configs topk-24k,topk-98k,relu-24k] [--reps 2] [--steps 4]
-       [--warmup 2] [--threads 2] [--quality-steps 32] [--quality-budget-s 900]
+       [--warmup 2] [--threads 2] [--quality-steps 32] [--quality-budget-s 900] [--trainers ours,sparsify]
+       [--isa avx2]   (the AVX2 CPU kind, emulated on a newer CPU: bench/machine.py)
+       batch 1024: --configs topk-24k-b1k,topk-98k-b1k
        n = 2^20 is opt-in: --configs topk-1m --reps 1 --steps 1 --warmup 1 (ours: 1-2 min per step)
 """
 from __future__ import annotations
@@ -48,6 +50,9 @@ CONFIGS = {
     "topk-98k": dict(arch="topk", d=768, n=98304, k=32, batch=4096),
     "relu-24k": dict(arch="relu", d=768, n=24576, k=None, batch=4096),
     "topk-1m": dict(arch="topk", d=768, n=2**20, k=32, batch=4096),
+    # batch 1024: the per-step costs that do not scale with the batch weigh 4x more
+    "topk-24k-b1k": dict(arch="topk", d=768, n=24576, k=32, batch=1024),
+    "topk-98k-b1k": dict(arch="topk", d=768, n=98304, k=32, batch=1024),
     # the GPU table (bench/gpu_check.sh): 2^15 to 2^20 latents at batch 4096 and 16384
     **{f"gpu-{n // 1024}k-b{b // 1024}k": dict(arch="topk", d=768, n=n, k=32, batch=b)
        for n in (2**15, 2**17, 2**20) for b in (4096, 16384)},
@@ -82,7 +87,8 @@ def adam_lr(n: int) -> float:
 
 
 # --- trainers (each returns step(x), reconstruct(x) and the model) -----------------------------------------
-def build_ours(cfg: dict, total: int, variant: str, device: str):
+def build_ours(cfg: dict, total: int, variant: str, device: str, init_samples: int | None = None):
+    """init_samples: the vectors our initialisation reads (default one batch, to start timing runs quickly)."""
     sys.path.insert(0, str(ROOT))
     from sae_core import Trainer
     from sae_core.sources.base import ActivationSource
@@ -99,7 +105,7 @@ def build_ours(cfg: dict, total: int, variant: str, device: str):
     sae = {"arch": cfg["arch"], "d_in": cfg["d"], "n_latents": cfg["n"]}
     if cfg["k"]:
         sae["k"] = cfg["k"]
-    train = {"train_tokens": total, "batch_size": cfg["batch"], "init_samples": cfg["batch"],
+    train = {"train_tokens": total, "batch_size": cfg["batch"], "init_samples": init_samples or cfg["batch"],
              "curve_points_per_decade": 1, "device": device}
     if variant == "ours-exact":
         train["topk_select"] = "exact"
@@ -342,6 +348,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU table (bench/gpu_check.sh)")
     ap.add_argument("--peer-python", help="the python that runs the peers (default: bench/.venv, built on first "
                                           "use); offline machines give one that has them")
+    ap.add_argument("--trainers", help="a comma list: only these trainers (default: all of each config's)")
+    ap.add_argument("--isa", choices=["avx2"], help="measure the AVX2 CPU kind on this CPU (bench/machine.py)")
     args = ap.parse_args()
     if args.worker:
         cfg = CONFIGS[args.configs]
@@ -349,8 +357,9 @@ def main() -> None:
                          if args.quality else worker(args.worker, cfg, args.steps, args.warmup, args.threads,
                                                      args.device)))
         return
-    from machine import describe  # bench/machine.py: which CPU kind the table belongs to
+    from machine import cap_isa, describe  # bench/machine.py: which CPU kind the table belongs to
 
+    cap_isa(args.isa)  # before anything loads torch; the workers inherit the caps
     print(describe() + "\n")
     peers = Path(args.peer_python) if args.peer_python else ensure_peer_venv()
     names = args.configs.split(",")
@@ -361,7 +370,7 @@ def main() -> None:
     notes, growth = [], {}
     for name in names:
         cfg = CONFIGS[name]
-        trainers = TRAINERS[cfg["arch"]]
+        trainers = [t for t in TRAINERS[cfg["arch"]] if not args.trainers or t in args.trainers.split(",")]
         free = available_gib(args.device)
         skip = {t: f"skipped: needs ~{need:.0f} GiB, {free:.0f} GiB available"
                 for t in trainers if (need := needs_gib(t, cfg)) > free}

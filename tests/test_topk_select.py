@@ -1,4 +1,8 @@
 """Streamed and low-precision top-k selection against the full float64 pre-activations."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -101,3 +105,29 @@ def test_streamed_encoder_and_row_blocked_adam_train_like_the_one_pass_path(monk
         weights.append({k: v.detach().clone() for k, v in result.sae.net.state_dict().items()})
     for name in weights[0]:
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_auto_ranks_exactly_where_onednn_is_capped_below_native_bf16():
+    """ONEDNN_MAX_CPU_ISA=AVX2 (bench/machine.py --isa avx2) makes oneDNN's bf16 matmul emulated, many times
+    slower than fp32 even on a CPU with AVX512-BF16: auto must then rank exactly."""
+    code = ("import torch; from sae_core.kernels.topk_select import resolve_selection, EXACT; "
+            "print(resolve_selection('auto', 2.0, torch.device('cpu')) == EXACT)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert out.stdout.strip() == "True"
+
+
+def test_the_reused_chunk_buffer_leaves_earlier_results_intact():
+    """select_topk writes each chunk into one buffer the thread keeps: a later call (other shapes, other
+    dtype) must not change what an earlier one returned, and each must equal the float64 top-k."""
+    g = torch.Generator().manual_seed(5)
+    W, b = torch.randn(300, 16, generator=g), torch.randn(300, generator=g)
+    results = []
+    for rows, selection in ((40, EXACT), (7, Selection(torch.bfloat16, 300 / 5)), (90, EXACT)):
+        x = torch.randn(rows, 16, generator=g)
+        (vals, idx), _ = select_topk(x, W, b, 5, selection=selection)
+        results.append((x, vals, idx))
+    for x, vals, idx in results:
+        ref = (x.double() @ W.double().T + b.double()).topk(5, dim=-1)
+        assert torch.equal(idx, ref.indices)
+        torch.testing.assert_close(vals.double(), ref.values, rtol=1e-5, atol=1e-5)

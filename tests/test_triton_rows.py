@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-B, D, N, K = 9, 200, 300, 20  # d and k not multiples of the blocks: the masks matter
+B, D, N, K = 9, 200, 1000, 20  # d and k not multiples of the blocks: the masks matter; N: most rows absent
 
 
 def _inputs(seed):
@@ -38,6 +38,12 @@ def _compare() -> dict:
     dense = torch.zeros(N, D, dtype=torch.float64).index_add_(
         0, idx.reshape(-1), w.reshape(-1, 1).double() * G.double().repeat_interleave(K, 0))
     out["scatter_vs_float64"] = diff(got.to_dense(), dense)
+    few = 40  # most rows occur: the dense gradient, its empty rows written as zeros by the same kernel
+    small = idx % few
+    dense_got = sparse_rows.rows_scatter(small, w, G, few)
+    out["scatter_dense_is_dense"] = not dense_got.is_sparse
+    out["scatter_dense_vs_float64"] = diff(dense_got, torch.zeros(few, D, dtype=torch.float64).index_add_(
+        0, small.reshape(-1), w.reshape(-1, 1).double() * G.double().repeat_interleave(K, 0)))
     half = triton_rows.rows_combine(idx, w, W.bfloat16())
     out["bf16_dtype"] = str(half.dtype)
     ref = sparse_rows.rows_combine(idx, w.double(), W.bfloat16().double())
@@ -61,6 +67,7 @@ def test_combine_and_dot_equal_the_torch_path(report):
 def test_scatter_equals_the_torch_path_and_float64(report):
     assert report["scatter_rows_equal"]
     assert report["scatter"] < 1e-5 and report["scatter_vs_float64"] < 1e-5
+    assert report["scatter_dense_is_dense"] and report["scatter_dense_vs_float64"] < 1e-5
 
 
 def test_bf16_weights_accumulate_in_fp32(report):

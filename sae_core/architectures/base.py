@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sae_core.kernels import EXACT, Selection, sparse_decode
+from sae_core.kernels.dense_code import decode_code
 from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 Normalization = Literal["none", "unit_norm", "standardize"]
@@ -212,7 +213,8 @@ class Architecture(nn.Module):
 
     def decode(self, code: Code) -> torch.Tensor:
         """Each shard decodes its latents; the partial reconstructions are summed over shards."""
-        partial = sparse_decode(code.idx, code.vals, self.W_dec) if isinstance(code, SparseCode) else code @ self.W_dec
+        partial = (sparse_decode(code.idx, code.vals, self.W_dec) if isinstance(code, SparseCode)
+                   else decode_code(code, self.W_dec))
         return self.mesh.sum_shards(partial) + self.b_pre
 
     def dense_latents(self, code: Code) -> torch.Tensor:

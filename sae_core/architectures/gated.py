@@ -39,6 +39,8 @@ from torch import nn
 
 from sae_core.architectures.base import LossOutput, StepContext, dense_flops, fvu_loss, register
 from sae_core.architectures.l1_penalty import L1Config, L1Family, l1_penalty
+from sae_core.kernels.centred_linear import centred_linear
+from sae_core.kernels.dense_code import decode_code
 from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 
@@ -66,7 +68,7 @@ class Gated(L1Family):
     def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Row i of the magnitude encoder is exp(r_mag_i) W_gate,i, so both paths share one matmul and the
         # magnitude path is a per-latent rescale of it: half the encoder FLOPs of two separate products.
-        shared = (x - self.b_pre) @ self.W_enc.T
+        shared = centred_linear(x, self.b_pre, self.W_enc, None)
         return shared + self.b_gate, shared * self.r_mag.exp() + self.b_mag
 
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,7 @@ class Gated(L1Family):
         gate_acts = pi_gate.relu()
         # frozen here too when the norms enter the penalty, matching the frozen auxiliary decoder
         l1 = l1_penalty(gate_acts, self.W_dec.detach(), self.cfg, ctx)
-        x_hat_frozen = gate_acts @ self.W_dec.detach() + self.b_pre.detach()
+        x_hat_frozen = decode_code(gate_acts, self.W_dec.detach()) + self.b_pre.detach()
         aux = fvu_loss(x, x_hat_frozen, ctx.mse_scale)
         return LossOutput(loss=mse + l1 + aux, code=z, flops=x.shape[0] * self.flops_per_vector(self.cfg),
                           terms={"mse_loss": mse.detach(), "l1_loss": l1.detach(), "aux_loss": aux.detach()})

@@ -60,11 +60,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from sae_core.architectures.base import Architecture, LossOutput, SAEConfig, StepContext, fvu_loss, register
+from sae_core.kernels.centred_linear import centred_linear
 from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 _DEFAULT_L0_COEFF = {"l0": 2e-3, "target_l0": 10.0}
@@ -163,7 +163,7 @@ class JumpReLU(Architecture):
             self.threshold[idx] = self.cfg.threshold_init
 
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x - self.b_pre, self.W_enc, self.b_enc)
+        return centred_linear(x, self.b_pre, self.W_enc, self.b_enc)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return JumpReLUFunction.apply(self.preactivation(x), self.threshold, self.cfg.bandwidth)

@@ -30,6 +30,7 @@ from torch import nn
 
 from sae_core.architectures.base import LossOutput, StepContext, fvu_loss, register
 from sae_core.architectures.l1_penalty import L1Config, L1Family, l1_penalty
+from sae_core.kernels.centred_linear import centred_linear
 from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 ProLUGradient = Literal["ste", "relu"]
@@ -78,7 +79,7 @@ class ProLU(L1Family):
 
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
         # m, not m + b: active latents take m's value, so a test-time TopK/JumpReLU acts on m
-        return (x - self.b_pre) @ self.W_enc.T
+        return centred_linear(x, self.b_pre, self.W_enc, None)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return prolu(self.preactivation(x), self.b_enc, self.cfg.gradient)

@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sae_core.architectures.base import LossOutput, StepContext, fvu_loss, register
 from sae_core.architectures.l1_penalty import L1Config, L1Family, l1_penalty
+from sae_core.kernels.centred_linear import centred_linear
 from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 
@@ -32,7 +32,7 @@ class ReLU(L1Family):
         self.b_enc = nn.Parameter(torch.zeros(self.n_local))
 
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x - self.b_pre, self.W_enc, self.b_enc)
+        return centred_linear(x, self.b_pre, self.W_enc, self.b_enc)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.preactivation(x).relu()

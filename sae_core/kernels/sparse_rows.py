@@ -7,11 +7,13 @@
 combine is the decoder forward and the encoder's input gradient; dot is the gradient of the code
 values through the decoder; scatter is both weight gradients (Z^T X). Each costs O(B k d), against
 O(B n d) for the dense equivalents. scatter returns a coalesced sparse COO tensor holding only the rows
-that occur: at n = 2^20 a dense [n, d] gradient would be 3 GiB per weight, mostly zeros (optim.py
-applies Adam to it as to its dense equivalent). They are built from torch ops that have CPU and CUDA kernels
+that occur when fewer than half of them do: at n = 2^20 a dense [n, d] gradient would be 3 GiB per
+weight, mostly zeros (optim.py applies Adam to it as to its dense equivalent); otherwise the dense
+gradient, written in the same single pass. They are built from torch ops that have CPU and CUDA kernels
 (embedding_bag, CSR sampled matmul, CSR x dense), measured fastest on CPU among the alternatives
 (bench/train_step.py); index_add_ and gather+bmm were 3-10x slower here. On CUDA, with Triton installed,
-the same three run as Triton kernels (triton_rows.py).
+the same three run as Triton kernels (triton_rows.py). entries_combine and entries_scatter are combine and
+scatter for entries given as flat (row, latent, value) lists, a dense code's nonzeros (dense_code.py).
 """
 from __future__ import annotations
 
@@ -64,17 +66,46 @@ def rows_dot(idx: torch.Tensor, G: torch.Tensor, W: torch.Tensor) -> torch.Tenso
 
 def rows_scatter(idx: torch.Tensor, w: torch.Tensor, X: torch.Tensor, n: int) -> torch.Tensor:
     B, k = idx.shape
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat)
-    rows, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    crow = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=idx.device)
-    crow[1:] = counts.cumsum(0)
-    src = torch.arange(B, device=idx.device).repeat_interleave(k)[order]
-    vals = w.reshape(-1).to(X.dtype)[order]
-    if (kernels := _triton(idx, X)) is not None:
+    return entries_scatter(torch.arange(B, device=idx.device).repeat_interleave(k), idx.reshape(-1), w.reshape(-1),
+                           X, n)
+
+
+def entries_scatter(src: torch.Tensor, latents: torch.Tensor, w: torch.Tensor, X: torch.Tensor, n: int) -> torch.Tensor:
+    """rows_scatter for entries given flat: out[i] = sum_{e: latents[e] = i} w[e] X[src[e]] -> [n, d]."""
+    order = torch.argsort(latents)
+    rows, counts = torch.unique_consecutive(latents[order], return_counts=True)
+    # Row-sparse only where it saves: once half the rows occur (n <= 2 B k, n = 24576 at B = 4096 and
+    # k = 32 has 99% of them), the optimizer and the decoder's gradient projection would densify and gather
+    # it at more cost than writing the dense gradient here, empty rows zeroed in the same pass.
+    dense = 2 * rows.numel() >= n
+    out_rows = n if dense else rows.numel()
+    crow = torch.zeros(out_rows + 1, dtype=torch.int64, device=latents.device)
+    if dense:
+        crow[rows + 1] = counts
+        crow = crow.cumsum(0)
+    else:
+        crow[1:] = counts.cumsum(0)
+    src, vals = src[order], w.to(X.dtype)[order]
+    if (kernels := _triton(latents, X)) is not None:
         out = kernels.rows_gather_sum(crow, src, vals, X)
     else:
-        # beta 0: the product is written into uninitialised memory; `csr @ X` zero-fills its output and then
-        # copies it once more, two passes over rows x d that cost ~60% of the product itself on a CPU
-        out = torch.addmm(X.new_empty(rows.numel(), X.shape[1]), _csr(crow, src, vals, (rows.numel(), B)), X, beta=0)
+        out = _csr_product(crow, src, vals, X)
+    if dense:
+        return out
     return torch.sparse_coo_tensor(rows[None], out, (n, X.shape[1]), is_coalesced=True, check_invariants=False)
+
+
+def entries_combine(rows: torch.Tensor, latents: torch.Tensor, w: torch.Tensor, W: torch.Tensor, B: int) -> torch.Tensor:
+    """rows_combine for entries given flat and sorted by row (nonzero()'s order): out[b] = sum_{e: rows[e] = b}
+    w[e] W[latents[e]] -> [B, d]."""
+    crow = torch.zeros(B + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=B).cumsum(0)
+    return _csr_product(crow, latents, w.to(W.dtype), W)
+
+
+def _csr_product(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """The CSR matrix (crow, col, vals) times X. Written with beta 0 into uninitialised memory (empty rows
+    too): `csr @ X` zero-fills its output and then copies it once more, two passes over the output that cost
+    ~60% of the product itself on a CPU; out= spares the copy that addmm makes of its first argument."""
+    out = X.new_empty(crow.numel() - 1, X.shape[1])
+    return torch.addmm(out, _csr(crow, col, vals, (crow.numel() - 1, X.shape[0])), X, beta=0, out=out)

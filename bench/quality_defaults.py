@@ -1,0 +1,304 @@
+#!/usr/bin/env python
+"""Every trainer at its own defaults, on the same vectors: held-out FVU against vectors seen.
+
+bench/peers.py gives the peers our learning rate, so that a quality gap is not a learning-rate one; this asks
+what a user gets who changes nothing. TopK, k = 32, on bench/peers.py's synthetic vectors (batches of 4096,
+`peers.batch(d, 4096, 10_000 + step)` in every process); FVU = sum (x - x_hat)^2 / sum (x - mean x)^2 on its
+held-out 4096 (seed 1), about 4 times a decade of vectors from the first batch, and at the last. Configs and
+default budgets: 384x6144, 2,048,000 vectors (500 steps); 768x24576, 1,003,520 (245). One subprocess per
+(config, trainer), the peers in bench/.venv. L0 is not recorded: TopK keeps at most k by construction.
+- ours (sae_core TrainConfig defaults, through peers.build_ours): Adam
+  lr 2e-4 / sqrt(n / 2^14), betas 0.9 / 0.999, eps 6.25e-10, constant, no EMA, no clipping; inputs unit_norm
+  per token, b_pre the geometric median, tied init with the fitted encoder scale, unit-norm decoder, AuxK 1/32.
+- sparsify 1.3.3 (TrainConfig: optimizer "signum", loss_fn "fvu", auxk_alpha 0; trainer.py's fit loop with
+  those, step by step): ScheduleFreeWrapper(SignSGD, momentum 0.95), lr 5e-3 / sqrt(n / 2^14), no schedule;
+  b_dec = the first batch's mean, decoder rows renormalised before each forward and their parallel gradient
+  removed; float32 matmul precision "high" as its fit sets; evaluated at the schedule-free average
+  (opt.eval(), the weights it saves).
+- SAELens 6.54.12 (SAETrainerConfig and TopKTrainingSAEConfig defaults; its fit loop without logging): Adam
+  lr 3e-4, betas 0.9 / 0.999, constant, no warm-up, gradient norm clipped to 1; MSE loss (sum over d, mean
+  over the batch); normalize_activations "none", b_dec 0 subtracted from the input, decoder rows at norm 0.1
+  with W_enc = W_dec^T, rescale_acts_by_decoder_norm, AuxK (coefficient 1) on latents unfired for 1000 steps,
+  more than either budget has.
+A worker stops at an eval point rather than run past --budget-s (the table says partial). Prints the machine
+first; writes the curves (JSON) and a figure.
+
+Usage: .venv/bin/python bench/quality_defaults.py [--configs 384x6144,768x24576] [--trainers ours,sparsify,saelens]
+       [--vectors 384x6144=2048000] [--scale 0.01] [--threads 2] [--budget-s 3600] [--isa avx2] [--plot-only]
+Slow: about 1 h at the default budgets on 2 threads of an AVX512-BF16 Xeon (s/step at 384x6144: ours 0.16,
+sparsify 0.31, SAELens 0.82; at 768x24576: 0.65, 1.5, 8.2, so SAELens alone ~35 min there).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peers  # noqa: E402  (bench/peers.py: the data, our trainer, the peer venv)
+
+K, BATCH, PER_DECADE = 32, 4096, 4
+CONFIGS = {"384x6144": (384, 6144, 2_048_000), "768x24576": (768, 24576, 1_003_520)}
+TRAINERS = ("ours", "sparsify", "saelens")
+FRACTIONS = (0.1, 0.3, 1.0)
+DEFAULTS = {  # the table's header lines; the docstring says where each comes from
+    "ours": "Adam 2e-4/sqrt(n/2^14), constant; unit_norm inputs, geometric-median b_pre, unit-norm decoder, AuxK 1/32",
+    "sparsify": "Signum (schedule-free SignSGD, momentum 0.95) 5e-3/sqrt(n/2^14), no schedule; FVU loss, no AuxK; "
+                "evaluated at the schedule-free average",
+    "saelens": "Adam 3e-4, constant, grad clip 1; MSE loss, raw inputs, decoder init norm 0.1, AuxK after 1000 steps",
+}
+
+
+# --- trainers (each returns step(x), reconstruct(x) and the learning rate it runs at) -------------------------
+def build_ours(d: int, n: int, total: int):
+    from sae_core.config import TrainConfig
+
+    step, reconstruct, _ = peers.build_ours(dict(arch="topk", d=d, n=n, k=K, batch=BATCH), total, "ours", "cpu",
+                                            init_samples=TrainConfig.model_fields["init_samples"].default)
+    return step, reconstruct, step.__self__.base_lr  # step is the TrainingSession's bound method
+
+
+def build_sparsify(d: int, n: int, total: int):
+    import torch
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify import SparseCoder, SparseCoderConfig, TrainConfig
+    from sparsify.sign_sgd import SignSGD
+
+    cfg = TrainConfig(SparseCoderConfig(num_latents=n, k=K))
+    # the step below is its trainer's with these defaults; a release that changes them must be re-read
+    assert (cfg.optimizer, cfg.loss_fn, cfg.auxk_alpha, cfg.lr, cfg.grad_acc_steps) == ("signum", "fvu", 0, None, 1)
+    torch.set_float32_matmul_precision("high")
+    torch.manual_seed(cfg.init_seeds[0])
+    sae = SparseCoder(d, cfg.sae, device="cpu", dtype=torch.float32)
+    opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (n / 2**14) ** 0.5}]), momentum=0.95)
+    opt.train()
+    first = [True]
+
+    def step(x):
+        if first[0]:  # centres the pre-activations at initialisation
+            sae.b_dec.data = x.mean(0)
+            first[0] = False
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(x=x, y=x, dead_mask=None, total_variance=(x - x.mean(0)).pow(2).sum())
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+
+    def reconstruct(x):
+        opt.eval()  # the averaged weights, the ones sparsify saves
+        try:
+            return sae(x).sae_out
+        finally:
+            opt.train()
+
+    return step, reconstruct, opt.param_groups[0]["lr"]
+
+
+def build_saelens(d: int, n: int, total: int):
+    from sae_lens import SAETrainer, TopKTrainingSAE
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=n, k=K))
+    # the trainer asserts lr_end is set and its config has no post-init to set it; the constant schedule
+    # ignores it. SAETrainerConfig.lr is the field's default
+    trainer = SAETrainer(cfg=SAETrainerConfig(total_training_samples=total, train_batch_size_samples=BATCH,
+                                              lr_end=SAETrainerConfig.lr), sae=sae, data_provider=iter(()))
+
+    def step(x):
+        trainer.maybe_reset_sparsity()
+        trainer.step(x)
+        trainer.n_training_steps += 1
+
+    return step, lambda x: sae.decode(sae.encode(x)), trainer.optimizer.param_groups[0]["lr"]
+
+
+BUILDERS = {"ours": build_ours, "sparsify": build_sparsify, "saelens": build_saelens}
+
+
+# --- worker (one per subprocess) ---------------------------------------------------------------------------------
+def batches(d: int):
+    """seed -> peers.batch(d, BATCH, seed), 7x faster (it took longer than our step at 384x6144): the same
+    draws in the same order, the features summed by embedding_bag rather than through a gathered [n, 32, d]
+    tensor. Checked against peers.batch, so that a change there cannot go unnoticed."""
+    import torch
+
+    dictionary = torch.randn(peers.N_FEATURES, d, generator=torch.Generator().manual_seed(1234))
+    dictionary /= dictionary.norm(dim=1, keepdim=True)
+
+    def batch(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(0, peers.N_FEATURES, (BATCH, peers.ACTIVE), generator=g)
+        mag = torch.empty(BATCH, peers.ACTIVE).exponential_(generator=g)
+        x = torch.nn.functional.embedding_bag(idx, dictionary, per_sample_weights=mag, mode="sum")
+        return x + 0.01 * torch.randn(x.shape, generator=g)
+
+    assert torch.allclose(batch(10_000), peers.batch(d, BATCH, 10_000), atol=1e-5), "peers.batch has changed"
+    return batch
+
+
+def worker(spec: dict) -> None:
+    """Trains spec's steps, printing the record so far at every eval point (a timeout keeps the curve); stops
+    at an eval point when reaching the next one would pass budget_s."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    d, steps, eval_at = spec["d"], spec["steps"], spec["eval_at"]
+    step, reconstruct, lr = BUILDERS[spec["trainer"]](d, spec["n"], steps * BATCH)
+    x_eval, batch = peers.batch(d, peers.N_EVAL, 1), batches(d)
+    out = {"lr": lr, "curve": [], "steps": 0, "train_s": 0.0}
+    start = time.perf_counter()
+    for i in range(steps):
+        x = batch(10_000 + i)
+        t0 = time.perf_counter()
+        step(x)
+        out["train_s"] += time.perf_counter() - t0
+        out["steps"] = i + 1
+        if i + 1 not in eval_at:
+            continue
+        with torch.no_grad():
+            x_hat = reconstruct(x_eval).float()
+        fvu = float((x_eval - x_hat).pow(2).sum() / (x_eval - x_eval.mean(0)).pow(2).sum())
+        out["curve"].append({"vectors": (i + 1) * BATCH, "fvu": fvu, "train_s": out["train_s"]})
+        print(json.dumps(out), flush=True)
+        later = [s for s in eval_at if s > i + 1]
+        if later and (time.perf_counter() - start) / (i + 1) * later[0] > spec["budget_s"]:
+            out["partial"] = True
+            break
+    print(json.dumps({**out, "done": True}), flush=True)
+
+
+# --- driver --------------------------------------------------------------------------------------------------------
+def last_record(stdout: str) -> dict | None:
+    """The worker's last record (sparsify prints plain lines too). A killed worker leaves no half line: each
+    record is one write to the pipe, under the PIPE_BUF a pipe writes whole."""
+    records = [line for line in stdout.splitlines() if line.startswith("{")]
+    return json.loads(records[-1]) if records else None
+
+
+def run_one(python: Path, spec: dict, args) -> dict:
+    cmd = [str(python), __file__, "--worker", json.dumps(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    try:  # the worker stops itself within budget_s; the limit here only catches one that hangs
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1.25 * args.budget_s + 300)
+        stdout = proc.stdout
+        why = proc.returncode and (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    except subprocess.TimeoutExpired as e:  # its output so far comes as bytes, whatever text= says
+        stdout, why = (e.stdout or b"").decode(errors="replace"), "killed at the time limit"
+    r = last_record(stdout) or {"lr": None, "curve": [], "steps": 0, "train_s": 0.0}
+    vectors = f"{r['steps'] * BATCH:,} vectors"
+    note = (f"failed at {vectors}: {why or 'no final record'}" if why or not r.get("done")
+            else f"partial at {vectors} (--budget-s)" if r.get("partial") else "")
+    return {"config": spec["config"], "trainer": spec["trainer"], "budget": spec["steps"] * BATCH,
+            "lr": r["lr"], "curve": r["curve"], "steps": r["steps"], "train_s": r["train_s"], "note": note}
+
+
+def fvu_at(run: dict, vectors: float) -> str:
+    """FVU at the last eval point at or before `vectors`; blank where the run stopped short of them."""
+    points = [p for p in run["curve"] if p["vectors"] <= vectors]
+    return f"{points[-1]['fvu']:.4f}" if points and run["steps"] * BATCH >= vectors else ""
+
+
+def table(runs: list[dict]) -> None:
+    for t in dict.fromkeys(r["trainer"] for r in runs):
+        print(f"{t}: {DEFAULTS[t]}")
+    print()
+    print("| config | trainer | lr | vectors | " + " | ".join(f"FVU @{f:.0%}" for f in FRACTIONS)
+          + " | final FVU | s/step | note |")
+    print("|" + "---|" * (7 + len(FRACTIONS)))
+    for r in runs:
+        final = f"{r['curve'][-1]['fvu']:.4f}" if r["curve"] else ""
+        per_step = f"{r['train_s'] / r['steps']:.3f}" if r["steps"] else ""
+        cells = [r["config"], r["trainer"], f"{r['lr']:.2e}" if r["lr"] else "", f"{r['steps'] * BATCH:,}",
+                 *(fvu_at(r, f * r["budget"]) for f in FRACTIONS), final, per_step, r["note"]]
+        print("| " + " | ".join(cells) + " |")
+
+
+def figure(runs: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from analysis.figures.style import STYLE
+    from sae_core.io import write_atomic
+
+    configs = list(dict.fromkeys(r["config"] for r in runs))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(configs), figsize=(4.6 * len(configs), 3.6), squeeze=False)
+        for ax, name in zip(axes[0], configs):
+            for r in (r for r in runs if r["config"] == name and r["curve"]):
+                v, f = [p["vectors"] for p in r["curve"]], [p["fvu"] for p in r["curve"]]
+                label = r["trainer"] + (" (partial)" if r["note"] else "")
+                color = f"C{TRAINERS.index(r['trainer'])}"
+                ax.plot(v, f, marker="o", color=color, label=label)
+                ax.annotate(f"{f[-1]:.3f}", (v[-1], f[-1]), xytext=(4, 0), textcoords="offset points",
+                            va="center", fontsize=7, color=color)
+            ax.set(xscale="log", yscale="log", xlabel="vectors seen", ylabel="held-out FVU",
+                   title=f"{name}, k = {K}, each trainer's defaults")
+            ax.legend()
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+        plt.close(fig)
+
+
+def budgets(args) -> dict[str, int]:
+    """Training steps per config: the default budget or --vectors', times --scale, in whole batches."""
+    given = dict(item.split("=") for item in args.vectors.split(",")) if args.vectors else {}
+    return {name: max(1, round(int(given.get(name, CONFIGS[name][2])) * args.scale / BATCH))
+            for name in args.configs.split(",")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--trainers", default=",".join(TRAINERS))
+    ap.add_argument("--vectors", help="budgets, e.g. 384x6144=2048000,768x24576=1003520 (default: those)")
+    ap.add_argument("--scale", type=float, default=1.0, help="every budget times this (smoke tests: 0.005)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget-s", type=float, default=3600, help="wall seconds per (config, trainer)")
+    ap.add_argument("--isa", choices=["avx2"], help="cap the instruction sets (bench/machine.py)")
+    ap.add_argument("--peer-python", help="the python that runs the peers (default: bench/.venv, built on first use)")
+    ap.add_argument("--out-json", type=Path, default=peers.ROOT / "bench/results/quality_defaults.json")
+    ap.add_argument("--figure", type=Path, default=peers.ROOT / "docs/figures/peers_quality.png")
+    ap.add_argument("--plot-only", action="store_true", help="table and figure from --out-json, no training")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+    import machine  # bench/machine.py: which CPU kind the numbers belong to
+
+    machine.cap_isa(args.isa)  # re-runs this process capped (torch reads the caps on load); workers inherit them
+    sys.path.insert(0, str(peers.ROOT))
+    from sae_core.io import write_atomic
+    from sae_core.trainer import curve_steps
+
+    if args.plot_only:
+        saved = json.loads(args.out_json.read_text())
+        print(f"measured on {saved['machine']}\n")
+        table(saved["runs"])
+        figure(saved["runs"], args.figure)
+        return
+    saved = {"machine": machine.describe(), "threads": args.threads, "runs": []}
+    print(saved["machine"] + "\n", flush=True)
+    trainers = args.trainers.split(",")
+    peer = None if trainers == ["ours"] else Path(args.peer_python) if args.peer_python else peers.ensure_peer_venv()
+    for name, steps in budgets(args).items():
+        d, n, _ = CONFIGS[name]
+        for t in trainers:
+            spec = dict(config=name, trainer=t, d=d, n=n, steps=steps, eval_at=curve_steps(steps, BATCH, PER_DECADE),
+                        threads=args.threads, budget_s=args.budget_s)
+            run = run_one(Path(sys.executable) if t == "ours" else peer, spec, args)
+            print(f"{name} {t}: {run['steps']} steps, {run['train_s']:.0f} s training {run['note']}", flush=True)
+            saved["runs"].append(run)
+            write_atomic(args.out_json, lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=1)))
+    print()
+    table(saved["runs"])
+    figure(saved["runs"], args.figure)
+
+
+if __name__ == "__main__":
+    main()
