@@ -87,8 +87,9 @@ def adam_lr(n: int) -> float:
 
 
 # --- trainers (each returns step(x), reconstruct(x) and the model) -----------------------------------------
-def build_ours(cfg: dict, total: int, variant: str, device: str, init_samples: int | None = None):
-    """init_samples: the vectors our initialisation reads (default one batch, to start timing runs quickly)."""
+def build_ours(cfg: dict, total: int, variant: str, device: str, **train_overrides):
+    """train_overrides: TrainConfig keys over these (init_samples is one batch here, to start timing runs
+    quickly)."""
     sys.path.insert(0, str(ROOT))
     from sae_core import Trainer
     from sae_core.sources.base import ActivationSource
@@ -105,8 +106,8 @@ def build_ours(cfg: dict, total: int, variant: str, device: str, init_samples: i
     sae = {"arch": cfg["arch"], "d_in": cfg["d"], "n_latents": cfg["n"]}
     if cfg["k"]:
         sae["k"] = cfg["k"]
-    train = {"train_tokens": total, "batch_size": cfg["batch"], "init_samples": init_samples or cfg["batch"],
-             "curve_points_per_decade": 1, "device": device}
+    train = {"train_tokens": total, "batch_size": cfg["batch"], "init_samples": cfg["batch"],
+             "curve_points_per_decade": 1, "device": device, **train_overrides}
     if variant == "ours-exact":
         train["topk_select"] = "exact"
     session = Trainer(sae, train, Stream()).start()

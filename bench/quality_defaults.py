@@ -54,15 +54,16 @@ DEFAULTS = {  # the table's header lines; the docstring says where each comes fr
 
 
 # --- trainers (each returns step(x), reconstruct(x) and the learning rate it runs at) -------------------------
-def build_ours(d: int, n: int, total: int):
+def build_ours(d: int, n: int, total: int, train: dict):
     from sae_core.config import TrainConfig
 
+    train = {"init_samples": TrainConfig.model_fields["init_samples"].default, **train}
     step, reconstruct, _ = peers.build_ours(dict(arch="topk", d=d, n=n, k=K, batch=BATCH), total, "ours", "cpu",
-                                            init_samples=TrainConfig.model_fields["init_samples"].default)
+                                            **train)
     return step, reconstruct, step.__self__.base_lr  # step is the TrainingSession's bound method
 
 
-def build_sparsify(d: int, n: int, total: int):
+def build_sparsify(d: int, n: int, total: int, train: dict):
     import torch
     from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig, TrainConfig
@@ -99,7 +100,7 @@ def build_sparsify(d: int, n: int, total: int):
     return step, reconstruct, opt.param_groups[0]["lr"]
 
 
-def build_saelens(d: int, n: int, total: int):
+def build_saelens(d: int, n: int, total: int, train: dict):
     from sae_lens import SAETrainer, TopKTrainingSAE
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
@@ -150,7 +151,7 @@ def worker(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     d, steps, eval_at = spec["d"], spec["steps"], spec["eval_at"]
-    step, reconstruct, lr = BUILDERS[spec["trainer"]](d, spec["n"], steps * BATCH)
+    step, reconstruct, lr = BUILDERS[spec["trainer"]](d, spec["n"], steps * BATCH, spec.get("ours_train", {}))
     x_eval, batch = peers.batch(d, peers.N_EVAL, 1), batches(d)
     out = {"lr": lr, "curve": [], "steps": 0, "train_s": 0.0}
     start = time.perf_counter()
@@ -195,7 +196,9 @@ def run_one(python: Path, spec: dict, args) -> dict:
     vectors = f"{r['steps'] * BATCH:,} vectors"
     note = (f"failed at {vectors}: {why or 'no final record'}" if why or not r.get("done")
             else f"partial at {vectors} (--budget-s)" if r.get("partial") else "")
-    return {"config": spec["config"], "trainer": spec["trainer"], "budget": spec["steps"] * BATCH,
+    trainer = spec["trainer"] + (f" {json.dumps(spec['ours_train'])}" if spec["trainer"] == "ours" and spec["ours_train"]
+                                 else "")
+    return {"config": spec["config"], "trainer": trainer, "budget": spec["steps"] * BATCH,
             "lr": r["lr"], "curve": r["curve"], "steps": r["steps"], "train_s": r["train_s"], "note": note}
 
 
@@ -206,7 +209,7 @@ def fvu_at(run: dict, vectors: float) -> str:
 
 
 def table(runs: list[dict]) -> None:
-    for t in dict.fromkeys(r["trainer"] for r in runs):
+    for t in dict.fromkeys(r["trainer"].split()[0] for r in runs):
         print(f"{t}: {DEFAULTS[t]}")
     print()
     print("| config | trainer | lr | vectors | " + " | ".join(f"FVU @{f:.0%}" for f in FRACTIONS)
@@ -233,7 +236,7 @@ def figure(runs: list[dict], path: Path) -> None:
             for r in (r for r in runs if r["config"] == name and r["curve"]):
                 v, f = [p["vectors"] for p in r["curve"]], [p["fvu"] for p in r["curve"]]
                 label = r["trainer"] + (" (partial)" if r["note"] else "")
-                color = f"C{TRAINERS.index(r['trainer'])}"
+                color = f"C{TRAINERS.index(r['trainer'].split()[0])}"
                 ax.plot(v, f, marker="o", color=color, label=label)
                 ax.annotate(f"{f[-1]:.3f}", (v[-1], f[-1]), xytext=(4, 0), textcoords="offset points",
                             va="center", fontsize=7, color=color)
@@ -264,6 +267,8 @@ def main() -> None:
     ap.add_argument("--out-json", type=Path, default=peers.ROOT / "bench/results/quality_defaults.json")
     ap.add_argument("--figure", type=Path, default=peers.ROOT / "docs/figures/peers_quality.png")
     ap.add_argument("--plot-only", action="store_true", help="table and figure from --out-json, no training")
+    ap.add_argument("--ours-train", type=json.loads, default={},
+                    help='TrainConfig keys for ours, off its defaults, e.g. \'{"lr": 0.0013}\' (the table says so)')
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -290,7 +295,7 @@ def main() -> None:
         d, n, _ = CONFIGS[name]
         for t in trainers:
             spec = dict(config=name, trainer=t, d=d, n=n, steps=steps, eval_at=curve_steps(steps, BATCH, PER_DECADE),
-                        threads=args.threads, budget_s=args.budget_s)
+                        threads=args.threads, budget_s=args.budget_s, ours_train=args.ours_train)
             run = run_one(Path(sys.executable) if t == "ours" else peer, spec, args)
             print(f"{name} {t}: {run['steps']} steps, {run['train_s']:.0f} s training {run['note']}", flush=True)
             saved["runs"].append(run)
