@@ -120,6 +120,11 @@ def build_sparsify(cfg: dict, total: int, device: str):
 
     sae = SparseCoder(cfg["d"], SparseCoderConfig(num_latents=cfg["n"], k=cfg["k"]), device=device)
     opt = torch.optim.Adam(sae.parameters(), lr=adam_lr(cfg["n"]))
+    return sparsify_step(sae, opt), lambda x: sae(x).sae_out, sae
+
+
+def sparsify_step(sae, opt):
+    """One step of sparsify's trainer (trainer.py's fit loop, loss "fvu", no AuxK) with the optimizer `opt`."""
     first = [True]
 
     def step(x):
@@ -133,7 +138,7 @@ def build_sparsify(cfg: dict, total: int, device: str):
         opt.step()
         opt.zero_grad()
 
-    return step, lambda x: sae(x).sae_out, sae
+    return step
 
 
 def build_saelens(cfg: dict, total: int, device: str):

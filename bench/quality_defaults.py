@@ -77,18 +77,7 @@ def build_sparsify(d: int, n: int, total: int, train: dict):
     sae = SparseCoder(d, cfg.sae, device="cpu", dtype=torch.float32)
     opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (n / 2**14) ** 0.5}]), momentum=0.95)
     opt.train()
-    first = [True]
-
-    def step(x):
-        if first[0]:  # centres the pre-activations at initialisation
-            sae.b_dec.data = x.mean(0)
-            first[0] = False
-        sae.set_decoder_norm_to_unit_norm()
-        out = sae(x=x, y=x, dead_mask=None, total_variance=(x - x.mean(0)).pow(2).sum())
-        out.fvu.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad()
+    step = peers.sparsify_step(sae, opt)
 
     def reconstruct(x):
         opt.eval()  # the averaged weights, the ones sparsify saves
