@@ -33,14 +33,13 @@ from sae_core.activation_data import ActivationData
 from sae_core.architectures import parse_sae_config
 from sae_core.architectures.base import registry
 from sae_core.checkpoint import has_checkpoint
-from sae_core.config import parse_train_config, with_family_defaults
 from sae_core.errors import ConfigError, DataError, SAEScalingError
 from sae_core.evaluation.probe_datasets import read_rows
 from sae_core.fingerprint import paths_fingerprint
 from sae_core.lm.loading import local_model_fingerprint
 from sae_core.sources.files import expand_paths
 from sae_core.tracking import check_installed
-from sae_core.trainer import continuable, layout_problems
+from sae_core.trainer import continuable, layout_problems, resolve_configs
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ def _grid_points(spec: SweepSpec):
             yield base, {**scalars, **dict(zip(lists, values))}
 
 
-def _configs(spec: SweepSpec, arch: str, sae: dict, train: dict, parts: int, source: str, where: str):
+def _configs(spec: SweepSpec, sae: dict, train: dict, parts: int, source: str, where: str):
     """The resolved SAE and trainer configs of a grid point's SAE holding 1/parts of its latents and vectors,
     what its run_id hashes of the trainer config, and what its activation stream depends on."""
     if parts > 1:
@@ -142,9 +141,7 @@ def _configs(spec: SweepSpec, arch: str, sae: dict, train: dict, parts: int, sou
         train = {**train, "train_tokens": -(-train["train_tokens"] // parts)}
         where = f"{where}, its per-layer SAEs (1/{parts} of the latents and vectors)"
     try:
-        sae_cfg = parse_sae_config(sae, source=source, prefix="")
-        train_cfg = with_family_defaults(parse_train_config(train, source=source, prefix="train"),
-                                         registry()[arch].train_defaults)
+        sae_cfg, train_cfg = resolve_configs(sae, train, source)
     except ConfigError as err:
         raise ConfigError(f"{err} (at {where})") from None
     problems = layout_problems(sae_cfg, train_cfg, *spec.resources.layout)
@@ -193,7 +190,7 @@ def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str 
         for layer in layers:
             parts = 1 if layer is None else share
             if parts not in built:
-                built[parts] = _configs(spec, arch, sae, train, parts, source, where)
+                built[parts] = _configs(spec, sae, train, parts, source, where)
             sae_cfg, train_cfg, resolved, stream = built[parts]
             stream = _hash({**identity, "inputs": inputs, **stream})
             ident = {**identity, "layer": layer, "layers": spec.hook.layers if layer is None else None,
@@ -325,15 +322,20 @@ def _fmt_flops(x: float) -> str:
     return f"{x:.2e}"
 
 
+def previous_plan(store: ResultsStore) -> list[dict]:
+    """The plan the sweep's last `run` wrote; none if it is unreadable, since the next `run` rewrites it."""
+    try:
+        return store.plan()
+    except DataError:
+        return []
+
+
 def run_states(sweep: Sweep) -> dict[str, str]:
     """run_id -> done, failed (with its error), broken (its unreadable files) or pending (and why)."""
     store, ids = sweep.store, [r.run_id for r in sweep.runs]
     broken = store.broken(ids)
     rows = store.rows_of(rid for rid in ids if rid not in broken)
-    try:
-        previous = store.plan()
-    except DataError:  # rewritten by the next run
-        previous = []
+    previous = previous_plan(store)
     states = {}
     for run in sweep.runs:
         row = rows.get(run.run_id)

@@ -21,20 +21,17 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from orchestrator.multiprocess_run import process_options, train_group
-from orchestrator.plan import RunPlan, Sweep, continuations, pack_runs, plan_sweep, search_cells
+from orchestrator.plan import RunPlan, Sweep, continuations, pack_runs, plan_sweep, previous_plan, search_cells
 from orchestrator.search import Round, cell_key, plan_round
 from orchestrator.spec import SweepSpec
 from orchestrator.status import summary
 from orchestrator.store import ENDED
 from orchestrator.worker import now_utc, run_row, train_pack
-from sae_core.architectures import parse_sae_config
-from sae_core.architectures.base import registry
 from sae_core.cache_dir import cache_root as default_cache_root
 from sae_core.checkpoint import adopt_checkpoint
-from sae_core.config import parse_train_config, with_family_defaults
-from sae_core.errors import ConfigError, DataError
+from sae_core.errors import ConfigError
 from sae_core.evaluation.downstream import null_downstream
-from sae_core.trainer import train_fingerprint
+from sae_core.trainer import resolve_configs, train_fingerprint
 
 POLL_S = 1.0
 
@@ -216,7 +213,7 @@ def _continue_runs(sweep: Sweep, todo: list[RunPlan]) -> list[str]:
     (plan.continuations); done here, before plan.json forgets the shorter runs."""
     store = sweep.store
     lines = []
-    for rid, earlier in continuations(todo, _previous_plan(store), store).items():
+    for rid, earlier in continuations(todo, previous_plan(store), store).items():
         run = next(r for r in todo if r.run_id == rid)
         tokens = _adopt(store, earlier, run)
         lines.append(f"run {rid} continues run {earlier} from its checkpoint at {tokens:,} tokens (budget raised to "
@@ -224,16 +221,8 @@ def _continue_runs(sweep: Sweep, todo: list[RunPlan]) -> list[str]:
     return lines
 
 
-def _previous_plan(store) -> list[dict]:
-    try:
-        return store.plan()
-    except DataError:  # rewritten by this run
-        return []
-
-
 def _adopt(store, earlier: str, run: RunPlan) -> int:
-    fingerprint = train_fingerprint(parse_sae_config(run.sae), with_family_defaults(
-        parse_train_config(run.train), registry()[run.arch].train_defaults))
+    fingerprint = train_fingerprint(*resolve_configs(run.sae, run.train))
     return adopt_checkpoint(store.sae_dir(earlier), store.sae_dir(run.run_id), fingerprint)
 
 
@@ -243,7 +232,7 @@ def _carry_searches(sweep: Sweep) -> list[str]:
     checkpoint too), and the cell remembers its earlier budget (store.search_history): one more rung, past
     which only the winners continue. They train on to the new budget; the others stay stopped."""
     store, cfg = sweep.store, sweep.spec.search
-    previous = _previous_plan(store)
+    previous = previous_plan(store)
     entries = {e["run_id"]: e for e in previous}
     carried = continuations(sweep.runs, previous, store)
     history = store.search_history()

@@ -99,6 +99,15 @@ def resolved_resamples(sae_cfg: SAEConfig, cfg: TrainConfig) -> int:
     return registry()[sae_cfg.arch].default_resamples if cfg.resample_dead is None else cfg.resample_dead
 
 
+def resolve_configs(sae: dict | SAEConfig, train: dict | TrainConfig,
+                    source: str = "config") -> tuple[SAEConfig, TrainConfig]:
+    """The SAE config and the training config a Trainer trains with: both validated (errors name `source` and
+    the key), the family's own training settings for the keys the user left at their defaults."""
+    sae_cfg = parse_sae_config(sae, source=source)
+    cfg = parse_train_config(train, source=source)
+    return sae_cfg, with_family_defaults(cfg, registry()[sae_cfg.arch].train_defaults)
+
+
 def train_fingerprint(sae_cfg: SAEConfig, cfg: TrainConfig) -> str:
     """What a checkpoint must have been trained with to be resumed (TrainConfig with the family defaults)."""
     ident = {"sae": sae_cfg.model_dump(), "train": cfg.model_dump(exclude={"device"})}
@@ -136,11 +145,7 @@ class Trainer:
         """meta: saved with the SAE (e.g. the hook it reads: {"hook": {"model", "site", "layers"}}).
         mesh: this process's shard and replica when the run is trained by several (build_mesh)."""
         self.meta = dict(meta or {})
-        self.sae_cfg = parse_sae_config(sae_cfg)
-        family = registry()[self.sae_cfg.arch]
-        cfg = parse_train_config(train_cfg)
-        # the family's own training settings, for the keys the user left at their defaults
-        self.cfg = with_family_defaults(cfg, family.train_defaults)
+        self.sae_cfg, self.cfg = resolve_configs(sae_cfg, train_cfg)
         problems = layout_problems(self.sae_cfg, self.cfg, mesh.shards, mesh.replicas)
         if problems:
             raise ConfigError("\n".join(problems))
