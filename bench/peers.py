@@ -49,6 +49,12 @@ CONFIGS = {
     "topk-24k": dict(arch="topk", d=768, n=24576, k=32, batch=4096),
     "topk-98k": dict(arch="topk", d=768, n=98304, k=32, batch=4096),
     "relu-24k": dict(arch="relu", d=768, n=24576, k=None, batch=4096),
+    "gated-24k": dict(arch="gated", d=768, n=24576, k=None, batch=4096),
+    "jumprelu-24k": dict(arch="jumprelu", d=768, n=24576, k=None, batch=4096),
+    # the dense families at a trained SAE's code density (L0 ~ 49 of 24576), not at init's ~50%: each
+    # trainer's activity bias (JumpReLU: threshold) shifted so that 0.2% of the first batch's entries pass
+    **{f"{a}-24k-trained": dict(arch=a, d=768, n=24576, k=None, batch=4096, density=0.002)
+       for a in ("relu", "gated", "jumprelu")},
     "topk-1m": dict(arch="topk", d=768, n=2**20, k=32, batch=4096),
     # batch 1024: the per-step costs that do not scale with the batch weigh 4x more
     "topk-24k-b1k": dict(arch="topk", d=768, n=24576, k=32, batch=1024),
@@ -60,7 +66,8 @@ CONFIGS = {
     "topk-tiny": dict(arch="topk", d=64, n=1024, k=8, batch=512),
     "relu-tiny": dict(arch="relu", d=64, n=1024, k=None, batch=512),
 }
-TRAINERS = {"topk": ["ours", "ours-exact", "sparsify", "saelens"], "relu": ["ours", "saelens"]}
+TRAINERS = {"topk": ["ours", "ours-exact", "sparsify", "saelens"],
+            **{a: ["ours", "saelens"] for a in ("relu", "gated", "jumprelu")}}
 GROWTH = ("topk-24k", "topk-98k", "topk-1m")  # same d, k and batch: s/step against n alone
 N_FEATURES, ACTIVE, N_EVAL = 16384, 32, 4096
 COLUMNS = 9
@@ -111,6 +118,10 @@ def build_ours(cfg: dict, total: int, variant: str, device: str, **train_overrid
     if variant == "ours-exact":
         train["topk_select"] = "exact"
     session = Trainer(sae, train, Stream()).start()
+    if cfg.get("density"):
+        from train_step import set_density  # bench/train_step.py: the same shift, for our families
+
+        set_density(session.sae.net, session.sae.normalize(batch(cfg["d"], cfg["batch"], 10_000))[0], cfg["density"])
     return session.step, lambda x: session.sae.reconstruct(x), session.sae
 
 
@@ -142,15 +153,25 @@ def sparsify_step(sae, opt):
 
 
 def build_saelens(cfg: dict, total: int, device: str):
-    from sae_lens import SAETrainer, StandardTrainingSAE, TopKTrainingSAE
+    import sae_lens
+    import torch
+    from sae_lens import SAETrainer
     from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
-    from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 
-    if cfg["arch"] == "topk":
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=cfg["d"], d_sae=cfg["n"], k=cfg["k"], device=device))
-    else:
-        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=cfg["d"], d_sae=cfg["n"], device=device))
+    family = {"topk": "TopK", "relu": "Standard", "gated": "Gated", "jumprelu": "JumpReLU"}[cfg["arch"]]
+    sae_cfg = getattr(sae_lens, f"{family}TrainingSAEConfig")(d_in=cfg["d"], d_sae=cfg["n"], device=device,
+                                                            **({"k": cfg["k"]} if cfg["k"] else {}))
+    sae = getattr(sae_lens, f"{family}TrainingSAE")(sae_cfg)
+    if cfg.get("density"):  # the parameter that sets the family's activity, on SAELens's pre-activation
+        with torch.no_grad():
+            pre = sae.process_sae_in(batch(cfg["d"], cfg["batch"], 10_000).to(device)) @ sae.W_enc
+            name = {"relu": "b_enc", "gated": "b_gate", "jumprelu": "b_enc"}[cfg["arch"]]
+            pre += getattr(sae, name)
+            q = pre.flatten()[:: max(1, pre.numel() // 2**22)].float().quantile(1 - cfg["density"])
+            if cfg["arch"] == "jumprelu":
+                sae.threshold.fill_(float(q))
+            else:
+                getattr(sae, name).sub_(q)
     lr = adam_lr(cfg["n"])
     # lr_end only matters to decaying schedules (this one is constant), but the trainer asserts it is set
     trainer = SAETrainer(cfg=SAETrainerConfig(total_training_samples=total, train_batch_size_samples=cfg["batch"],

@@ -64,7 +64,7 @@ def naive_step_fn(d: int, n: int, k: int | None, lr: float):
 
 # what sets each dense family's activity, and the tensor it thresholds: shifted, it gives a trained code's density
 ACTIVITY = {"relu": ("b_enc", lambda a, x: a.preactivation(x)), "prolu": ("b_enc", lambda a, x: a.preactivation(x)),
-            "gated": ("b_gate", lambda a, x: a._paths(x)[0]), "jumprelu": ("threshold", lambda a, x: a.preactivation(x))}
+            "gated": ("b_gate", lambda a, x: a._paths(a._shared(x))[0]), "jumprelu": ("threshold", lambda a, x: a.preactivation(x))}
 
 
 @torch.no_grad()

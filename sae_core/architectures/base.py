@@ -18,8 +18,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from sae_core.architectures.entry_code import EntryCode
 from sae_core.kernels import EXACT, Selection, sparse_decode
-from sae_core.kernels.dense_code import decode_code
+from sae_core.kernels.dense_code import decode_code, decode_entries
 from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 Normalization = Literal["none", "unit_norm", "standardize"]
@@ -50,7 +51,17 @@ class SparseCode:
         return z.scatter_(1, self.idx, self.vals)
 
 
-Code = SparseCode | torch.Tensor  # sparse families return SparseCode, dense families a [B, n] tensor
+# sparse families return SparseCode, dense families a [B, n] tensor (in training, EntryCode once it is sparse)
+Code = SparseCode | EntryCode | torch.Tensor
+
+
+def code_product(code: Code, W: torch.Tensor) -> torch.Tensor:
+    """The code times W [n, d]: a decoder without its bias."""
+    if isinstance(code, SparseCode):
+        return sparse_decode(code.idx, code.vals, W)
+    if isinstance(code, EntryCode):
+        return decode_entries(code.rows, code.latents, code.vals, W, code.batch)
+    return decode_code(code, W)
 
 
 @dataclass
@@ -213,17 +224,17 @@ class Architecture(nn.Module):
 
     def decode(self, code: Code) -> torch.Tensor:
         """Each shard decodes its latents; the partial reconstructions are summed over shards."""
-        partial = (sparse_decode(code.idx, code.vals, self.W_dec) if isinstance(code, SparseCode)
-                   else decode_code(code, self.W_dec))
-        return self.mesh.sum_shards(partial) + self.b_pre
+        return self.mesh.sum_shards(code_product(code, self.W_dec)) + self.b_pre
 
     def dense_latents(self, code: Code) -> torch.Tensor:
-        return code.dense(self.n_local) if isinstance(code, SparseCode) else code
+        return code if isinstance(code, torch.Tensor) else code.dense(self.n_local)
 
     def active_latents(self, code: Code) -> torch.Tensor:
         """Indices (this shard's) of latents active on at least one row of the batch."""
         if isinstance(code, SparseCode):
             return code.idx[code.vals > 0].unique()
+        if isinstance(code, EntryCode):
+            return code.latents[code.vals > 0].unique()
         return (code > 0).any(dim=0).nonzero().squeeze(1)
 
 

@@ -37,10 +37,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sae_core.architectures.base import LossOutput, StepContext, dense_flops, fvu_loss, register
+from sae_core.architectures.base import LossOutput, StepContext, code_product, dense_flops, fvu_loss, register
+from sae_core.architectures.entry_code import EVERYWHERE, Support
 from sae_core.architectures.l1_penalty import L1Config, L1Family, l1_penalty
 from sae_core.kernels.centred_linear import centred_linear
-from sae_core.kernels.dense_code import decode_code
 from sae_core.parallel.mesh import TRIVIAL, Mesh
 
 
@@ -65,30 +65,35 @@ class Gated(L1Family):
         self.r_mag = nn.Parameter(torch.zeros(self.n_local))
         self.b_mag = nn.Parameter(torch.zeros(self.n_local))
 
-    def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _paths(self, shared: torch.Tensor, on: Support = EVERYWHERE) -> tuple[torch.Tensor, torch.Tensor]:
         # Row i of the magnitude encoder is exp(r_mag_i) W_gate,i, so both paths share one matmul and the
         # magnitude path is a per-latent rescale of it: half the encoder FLOPs of two separate products.
-        shared = centred_linear(x, self.b_pre, self.W_enc, None)
-        return shared + self.b_gate, shared * self.r_mag.exp() + self.b_mag
+        s = on.values(shared)
+        return s + on.latent(self.b_gate), s * on.latent(self.r_mag).exp() + on.latent(self.b_mag)
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        return centred_linear(x, self.b_pre, self.W_enc, None)
 
     def preactivation(self, x: torch.Tensor) -> torch.Tensor:
         # the magnitude path carries the latent values; a test-time TopK/JumpReLU replaces the gate
-        return self._paths(x)[1]
+        return self._paths(self._shared(x))[1]
 
-    def _gate_and_code(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pi_gate, pi_mag = self._paths(x)
-        return pi_gate, (pi_gate > 0).to(pi_mag.dtype) * pi_mag.relu()
+    @staticmethod
+    def _code(pi_gate: torch.Tensor, pi_mag: torch.Tensor) -> torch.Tensor:
+        return (pi_gate > 0).to(pi_mag.dtype) * pi_mag.relu()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._gate_and_code(x)[1]
+        return self._code(*self._paths(self._shared(x)))
 
     def loss(self, x: torch.Tensor, ctx: StepContext) -> LossOutput:
-        pi_gate, z = self._gate_and_code(x)
+        shared = self._shared(x)
+        on = Support.above(shared, -self.b_gate)  # the gate: pi_gate > 0; the code and the aux path are 0 elsewhere
+        pi_gate, pi_mag = self._paths(shared, on)
+        z, gate_acts = on.code(self._code(pi_gate, pi_mag)), on.code(pi_gate.relu())
         mse = fvu_loss(x, self.decode(z), ctx.mse_scale)
-        gate_acts = pi_gate.relu()
         # frozen here too when the norms enter the penalty, matching the frozen auxiliary decoder
         l1 = l1_penalty(gate_acts, self.W_dec.detach(), self.cfg, ctx)
-        x_hat_frozen = decode_code(gate_acts, self.W_dec.detach()) + self.b_pre.detach()
+        x_hat_frozen = code_product(gate_acts, self.W_dec.detach()) + self.b_pre.detach()
         aux = fvu_loss(x, x_hat_frozen, ctx.mse_scale)
         return LossOutput(loss=mse + l1 + aux, code=z, flops=x.shape[0] * self.flops_per_vector(self.cfg),
                           terms={"mse_loss": mse.detach(), "l1_loss": l1.detach(), "aux_loss": aux.detach()})

@@ -64,6 +64,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from sae_core.architectures.base import Architecture, LossOutput, SAEConfig, StepContext, fvu_loss, register
+from sae_core.architectures.entry_code import Support
 from sae_core.kernels.centred_linear import centred_linear
 from sae_core.parallel.mesh import TRIVIAL, Mesh
 
@@ -172,9 +173,13 @@ class JumpReLU(Architecture):
         cfg: JumpReLUConfig = self.cfg
         h, theta = self.preactivation(x), self.threshold
         bandwidth = cfg.bandwidth * ctx.input_rms  # in the units of the normalised input (docstring)
-        z = JumpReLUFunction.apply(h, theta, bandwidth)
+        # every entry that is active (h > max(θ, 0)) or in θ's window (|h - θ| < ε/2): the rest have value 0
+        # and no gradient, neither into h nor into θ
+        on = Support.above(h, torch.minimum(theta - bandwidth / 2, theta.clamp(min=0)))
+        h, theta = on.values(h), on.latent(theta)
+        z = on.code(JumpReLUFunction.apply(h, theta, bandwidth))
         mse = fvu_loss(x, self.decode(z), ctx.mse_scale)
-        l0 = StepFunction.apply(h, theta, bandwidth).sum(dim=-1).mean()
+        l0 = StepFunction.apply(h, theta, bandwidth).sum() / x.shape[0]
         sparsity = l0 if cfg.sparsity == "l0" else (l0 / cfg.target_l0 - 1).pow(2)
         l0_loss = cfg.resolved_l0_coeff * sparsity
         # not "l0": the trainer merges terms into curve rows, where "l0" is the held-out L0

@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 
 from sae_core.architectures.base import Architecture, SAEConfig, StepContext
+from sae_core.architectures.entry_code import EntryCode
 
 
 class L1Config(SAEConfig):
@@ -35,12 +36,15 @@ class L1Config(SAEConfig):
     l1_decoder_norm: bool = False  # weight |z_i| by ||W_dec,i|| with an unconstrained decoder (Conerly et al.)
 
 
-def l1_penalty(z: torch.Tensor, W_dec: torch.Tensor, cfg: L1Config, ctx: StepContext) -> torch.Tensor:
+def l1_penalty(z: torch.Tensor | EntryCode, W_dec: torch.Tensor, cfg: L1Config, ctx: StepContext) -> torch.Tensor:
     warm = min(1.0, ctx.progress / cfg.l1_warmup_frac) if cfg.l1_warmup_frac > 0 else 1.0
-    per_latent = z.abs().sum(dim=0)
+    if isinstance(z, EntryCode):
+        per_latent, batch = z.latent_sums(z.vals.abs(), W_dec.shape[0]), z.batch
+    else:
+        per_latent, batch = z.abs().sum(dim=0), z.shape[0]
     if cfg.l1_decoder_norm:
         per_latent = per_latent * W_dec.norm(dim=1)
-    return cfg.l1_coeff * warm * ctx.input_rms * ctx.mse_scale * per_latent.sum() / z.shape[0]
+    return cfg.l1_coeff * warm * ctx.input_rms * ctx.mse_scale * per_latent.sum() / batch
 
 
 class L1Family(Architecture):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from sae_core.architectures.base import LossOutput, StepContext, fvu_loss, register
+from sae_core.architectures.entry_code import Support
 from sae_core.architectures.l1_penalty import L1Config, L1Family, l1_penalty
 from sae_core.kernels.centred_linear import centred_linear
 from sae_core.parallel.mesh import TRIVIAL, Mesh
@@ -85,7 +86,9 @@ class ProLU(L1Family):
         return prolu(self.preactivation(x), self.b_enc, self.cfg.gradient)
 
     def loss(self, x: torch.Tensor, ctx: StepContext) -> LossOutput:
-        z = self.encode(x)
+        m = self.preactivation(x)
+        on = Support.above(m, (-self.b_enc).clamp(min=0))  # ProLU's gate: m > 0 and m + b > 0
+        z = on.code(prolu(on.values(m), on.latent(self.b_enc), self.cfg.gradient))
         mse = fvu_loss(x, self.decode(z), ctx.mse_scale)
         l1 = l1_penalty(z, self.W_dec, self.cfg, ctx)
         # encoder and decoder matmuls, each with weight and input gradients (6Bdn each)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sae_core.architectures.base import LossOutput, StepContext, fvu_loss, register
+from sae_core.architectures.entry_code import Support
 from sae_core.architectures.l1_penalty import L1Config, L1Family, l1_penalty
 from sae_core.kernels.centred_linear import centred_linear
 from sae_core.parallel.mesh import TRIVIAL, Mesh
@@ -38,7 +39,9 @@ class ReLU(L1Family):
         return self.preactivation(x).relu()
 
     def loss(self, x: torch.Tensor, ctx: StepContext) -> LossOutput:
-        z = self.encode(x)
+        h = self.preactivation(x)
+        on = Support.above(h, 0.0)
+        z = on.code(on.values(h).relu())
         mse = fvu_loss(x, self.decode(z), ctx.mse_scale)
         l1 = l1_penalty(z, self.W_dec, self.cfg, ctx)
         return LossOutput(loss=mse + l1, code=z, flops=x.shape[0] * self.flops_per_vector(self.cfg),

@@ -3,15 +3,14 @@
 The input batch x needs no gradient; b_pre does, and autograd would get it by forming the [B, d] gradient
 of x - b_pre (a B x n x d matmul, a third of the encoder's work and a sixth of a dense step's) only to sum
 it over the batch. The sum comes first here: b_pre's gradient is -(sum_b g_b) W, a vector times W.
-W's gradient g^T (x - b_pre) runs over g's nonzeros when g is sparse (a trained code's inactive latents get
-no gradient): dense_code.py.
+When g comes sparse (a trained code's active entries: dense_code.py), W's gradient g^T (x - b_pre) and the
+column sums run over its entries only.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from sae_core.kernels.dense_code import nonzero_entries
 from sae_core.kernels.sparse_rows import entries_combine, entries_scatter
 
 
@@ -29,12 +28,12 @@ class _CentredLinear(torch.autograd.Function):
         # in g's dtype, as autograd would under autocast (the forward's matmul ran in it); grads in the inputs'
         Wg = W.to(g.dtype)
         need_x, need_b_pre, need_W, need_b = ctx.needs_input_grad
-        entries = nonzero_entries(g) if need_W else None
-        if entries is not None:
-            rows, latents, vals = entries
+        if g.is_sparse:
+            g = g.coalesce()  # row-major without repeats, as entries_combine takes them
+            (rows, latents), vals = g.indices(), g.values()
             g_rows = entries_combine(rows, latents, vals, Wg, g.shape[0]) if need_x else None
-            colsum = g.new_zeros(g.shape[1]).index_add_(0, latents, vals)
-            grad_W = entries_scatter(rows, latents, vals, xc.to(g.dtype), W.shape[0])
+            colsum = vals.new_zeros(g.shape[1]).index_add_(0, latents, vals)
+            grad_W = entries_scatter(rows, latents, vals, xc.to(g.dtype), W.shape[0]) if need_W else None
         else:
             g_rows = g @ Wg if need_x else None
             colsum = g.sum(0)

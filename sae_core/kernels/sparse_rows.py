@@ -12,8 +12,9 @@ weight, mostly zeros (optim.py applies Adam to it as to its dense equivalent); o
 gradient, written in the same single pass. They are built from torch ops that have CPU and CUDA kernels
 (embedding_bag, CSR sampled matmul, CSR x dense), measured fastest on CPU among the alternatives
 (bench/train_step.py); index_add_ and gather+bmm were 3-10x slower here. On CUDA, with Triton installed,
-the same three run as Triton kernels (triton_rows.py). entries_combine and entries_scatter are combine and
-scatter for entries given as flat (row, latent, value) lists, a dense code's nonzeros (dense_code.py).
+the same three run as Triton kernels (triton_rows.py). entries_combine, entries_dot and entries_scatter are
+combine, dot and scatter for entries given as flat (row, latent, value) lists: a dense family's active
+entries (dense_code.py).
 """
 from __future__ import annotations
 
@@ -47,21 +48,20 @@ def _csr(crow, col, values, size) -> torch.Tensor:
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
-def _row_major_csr(idx: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, n] CSR matrix with row b holding values[b, :] at columns idx[b, :]."""
-    B, k = idx.shape
-    crow = torch.arange(0, B * k + 1, k, device=idx.device, dtype=torch.int64)
-    return _csr(crow, idx.reshape(-1), values.reshape(-1), (B, n))
-
-
 def rows_dot(idx: torch.Tensor, G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     if (kernels := _triton(idx, G, W)) is not None:
         return kernels.rows_dot(idx, G, W)
     B, k = idx.shape
+    crow = torch.arange(0, B * k + 1, k, device=idx.device, dtype=torch.int64)
+    return _sampled_dot(crow, idx.reshape(-1), G, W).view(B, k)
+
+
+def _sampled_dot(crow: torch.Tensor, col: torch.Tensor, G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """<G[b], W[col[e]]> for every entry e of the CSR pattern (crow, col), row b holding it."""
     G = G.to(W.dtype)
-    pattern = _row_major_csr(idx, torch.zeros(B * k, dtype=W.dtype, device=W.device), W.shape[0])
+    pattern = _csr(crow, col, torch.zeros(col.numel(), dtype=W.dtype, device=W.device), (G.shape[0], W.shape[0]))
     # sampled_addmm evaluates G @ W.T only at the pattern's nonzeros (SDDMM).
-    return torch.sparse.sampled_addmm(pattern, G, W.t(), beta=0.0).values().view(B, k)
+    return torch.sparse.sampled_addmm(pattern, G, W.t(), beta=0.0).values()
 
 
 def rows_scatter(idx: torch.Tensor, w: torch.Tensor, X: torch.Tensor, n: int) -> torch.Tensor:
@@ -98,9 +98,19 @@ def entries_scatter(src: torch.Tensor, latents: torch.Tensor, w: torch.Tensor, X
 def entries_combine(rows: torch.Tensor, latents: torch.Tensor, w: torch.Tensor, W: torch.Tensor, B: int) -> torch.Tensor:
     """rows_combine for entries given flat and sorted by row (nonzero()'s order): out[b] = sum_{e: rows[e] = b}
     w[e] W[latents[e]] -> [B, d]."""
+    return _csr_product(_row_starts(rows, B), latents, w.to(W.dtype), W)
+
+
+def entries_dot(rows: torch.Tensor, latents: torch.Tensor, G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """rows_dot for entries given flat and sorted by row: out[e] = <G[rows[e]], W[latents[e]]> -> [E]."""
+    return _sampled_dot(_row_starts(rows, G.shape[0]), latents, G, W)
+
+
+def _row_starts(rows: torch.Tensor, B: int) -> torch.Tensor:
+    """CSR row pointers of entries sorted by row."""
     crow = torch.zeros(B + 1, dtype=torch.int64, device=rows.device)
     crow[1:] = torch.bincount(rows, minlength=B).cumsum(0)
-    return _csr_product(crow, latents, w.to(W.dtype), W)
+    return crow
 
 
 def _csr_product(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
