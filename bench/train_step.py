@@ -79,10 +79,11 @@ def set_density(arch, x: torch.Tensor, density: float) -> float:
     return float((arch.encode(x) != 0).float().mean())
 
 
-def dense_products(step):
-    """step with kernels/dense_code.py's sparse products switched off (SPARSE_DENSITY 0)."""
+def at_threshold(step, threshold: float):
+    """step with kernels/dense_code.py's SPARSE_DENSITY set to `threshold`: 0 forces the dense path, 1 the
+    sparse one (where the two cross is what SPARSE_DENSITY should be)."""
     def run(x):
-        saved, dense_code.SPARSE_DENSITY = dense_code.SPARSE_DENSITY, 0.0
+        saved, dense_code.SPARSE_DENSITY = dense_code.SPARSE_DENSITY, threshold
         try:
             return step(x)
         finally:
@@ -144,8 +145,9 @@ def main() -> None:
             if args.density and arch in ACTIVITY:
                 reached = set_density(session.sae.net, batches[0], args.density)
                 print(f"{arch}: code density {reached:.4f} on the first batch")
-                if arch == "relu":  # the same step with the dense products: where the sparse ones start to win
-                    methods["relu dense"] = dense_products(session.step)
+                if arch == "relu":  # the same step on each path: where the sparse one starts to win
+                    methods["relu dense"] = at_threshold(session.step, 0.0)
+                    methods["relu sparse"] = at_threshold(session.step, 1.0)
         for arch, naive_k in (("topk", args.k), ("relu", None)):
             if arch in archs and not args.skip_naive:
                 methods[f"naive {arch}"] = naive_step_fn(d, n, naive_k, 2e-4 / (n / 2**14) ** 0.5)

@@ -131,3 +131,25 @@ def test_the_reused_chunk_buffer_leaves_earlier_results_intact():
         ref = (x.double() @ W.double().T + b.double()).topk(5, dim=-1)
         assert torch.equal(idx, ref.indices)
         torch.testing.assert_close(vals.double(), ref.values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,m", [(24576, 32), (3000, 7), (5003, 64), (1000, 32), (200, 8)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_row_topk_gives_topks_values_at_the_indices_it_returns(dtype, n, m, ties):
+    """row_topk's grouped two-pass selection against torch.topk: the same multiset of values per row (sorted
+    when asked), distinct indices that hold them; rows whose n is not a multiple of the group, rows with many
+    tied values, and rows too short for the groups (the plain topk path)."""
+    g = torch.Generator().manual_seed(n + m)
+    t = torch.randn(64, n, generator=g, dtype=dtype) + 0.5 * torch.randn(1, n, generator=g, dtype=dtype)
+    if ties:
+        t = (t * 2).round()  # a handful of distinct values: ties cross the group boundaries
+    t[3, -1] = 50.0  # a winner in the columns left over past the groups
+    for sorted_ in (False, True):
+        vals, idx = topk_select.row_topk(t, m, sorted=sorted_)
+        ref = t.topk(m, dim=-1).values
+        torch.testing.assert_close(vals if sorted_ else vals.sort(dim=-1, descending=True).values, ref,
+                                   rtol=0, atol=0)
+        assert torch.equal(t.gather(1, idx), vals)
+        assert (idx.sort(dim=-1).values.diff(dim=-1) > 0).all()  # distinct latents per row
+    assert 50.0 in vals[3]

@@ -23,7 +23,9 @@ import torch
 
 from sae_core.kernels.sparse_rows import entries_combine, entries_dot, entries_scatter
 
-# Below this share of active entries the sparse products win (bench/train_step.py --density, 768 x 24576, B 4096)
+# Below this share of active entries the sparse path wins: ReLU at 768 x 24576, batch 4096 (bench/train_step.py
+# --density: "relu sparse" against "relu dense") 0.85 against 3.1 s at 0.2%, 2.4-5.6 against 3.1 s at 1%, 5.0
+# against 3.1 s at 3%
 SPARSE_DENSITY = 0.01
 PROBE_ROWS = 64
 

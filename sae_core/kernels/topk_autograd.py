@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_core.kernels.sparse_rows import rows_combine, rows_dot, rows_scatter
-from sae_core.kernels.topk_select import EXACT, Selection, aux_candidates, select_topk
+from sae_core.kernels.topk_select import EXACT, Selection, aux_candidates, row_topk, select_topk
 from sae_core.parallel.mesh import TRIVIAL, Mesh
 from sae_core.parallel.sharded_topk import shard_candidates
 
@@ -30,7 +30,7 @@ def _batch_topk(pre: torch.Tensor, k: int, mesh: Mesh = TRIVIAL) -> tuple[torch.
     B, n = pre.shape
     m = k * B * mesh.replicas
     over = "world" if mesh.replicas > 1 else "shards"
-    candidates = pre.topk(min(n, 4 * k), dim=-1, sorted=False).values.flatten()
+    candidates = row_topk(pre, min(n, 4 * k)).values.flatten()
     offer = candidates.topk(min(shard_candidates(m, mesh, m), candidates.numel()), sorted=False).values
     if mesh.world > 1:  # processes' offers have one length: B and the candidates per row are the same on all
         gathered = mesh.gather(offer[None], over=over)[0]

@@ -65,6 +65,34 @@ def resolve_selection(mode: str, capacity: float, device: torch.device) -> Selec
     return Selection(torch.bfloat16, capacity) if mode == "bf16" else EXACT
 
 
+CANDIDATES = 1024  # entries per row that row_topk's second pass ranks (GROUP = CANDIDATES // m, at least 8)
+
+
+def row_topk(t: torch.Tensor, m: int, sorted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """t.topk(m, dim=-1): the same values per row (indices may differ among tied values), on a CPU in two
+    cheap passes instead of a selection over every entry. Split each row into G = n // GROUP groups of
+    GROUP entries (strided: group g holds columns g, g + G, g + 2G, ..., so that the maxima are an
+    element-wise max over GROUP contiguous [G] slices). The m largest group maxima are m distinct entries,
+    so the row's m-th largest value is at least the smallest of them, and every top-m entry lies in a group
+    whose maximum is among the m largest: the top m of those m groups (and of the n mod GROUP columns left
+    over) is the row's. torch.topk elsewhere: on GPUs, in bf16 (whose CPU element-wise max is no cheaper
+    than its topk) and for rows too short for the groups to pay. bench/topk_rows.py times it."""
+    B, n = t.shape
+    group = max(8, CANDIDATES // m)
+    G = n // group
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or G < 4 * m:
+        return t.topk(m, dim=-1, sorted=sorted)
+    groups = t[:, : G * group].view(B, group, G)
+    top_groups = groups.amax(dim=1).topk(m, dim=-1, sorted=False).indices  # [B, m]
+    cand = groups.gather(2, top_groups[:, None, :].expand(B, group, m)).reshape(B, group * m)
+    if n > G * group:  # the columns left over are candidates too
+        cand = torch.cat([cand, t[:, G * group:]], dim=1)
+    vals, pos = cand.topk(m, dim=-1, sorted=sorted)
+    # candidate p < group * m is column top_groups[p % m] + G * (p // m); past them, the columns left over
+    in_groups = top_groups.gather(1, pos.remainder(m)) + G * pos.div(m, rounding_mode="floor")
+    return vals, torch.where(pos < group * m, in_groups, pos + (G * group - group * m))
+
+
 def _keep_top(best, vals, idx, m):
     """Merge a chunk's candidates into the running top-m of each row."""
     if best is not None:
@@ -158,7 +186,7 @@ def select_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, k: int
             pre = torch.mm(xs, _ranking_weights(W[start:stop], bc, xs.shape[1], selection.dtype), out=out)
         else:
             pre = _preactivations(x, W[start:stop], bc, out)
-        vals, idx = pre.topk(min(m, stop - start), dim=-1, sorted=sorted and one_pass)
+        vals, idx = row_topk(pre, min(m, stop - start), sorted=sorted and one_pass)
         best = _keep_top(best, vals, idx + start, m)
         if among is not None and k_among:
             found = aux_candidates(pre, start, among, m_aux)

@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""The best constant learning rate against the training budget: ours (TopK, Adam) on bench/peers.py's vectors.
+
+Gao et al. 2024 read the lr rule that `lr: auto` follows, 2e-4 / sqrt(n / 2^14), off runs trained to
+convergence (their Fig. 3: 0.6-7.9B tokens at batch 131072). Bjorck et al. 2024 ("Scaling Optimal LR Across
+Token Horizons", ICLR 2025) find that the best lr falls with the training horizon D as a power law,
+lr*(D) = B D^-beta. This measures that dependence for an SAE: ours trains at multiples of the paper's lr, each
+for the longest budget, through bench/quality_defaults.py's worker (same data, held-out FVU about 4 times a
+decade). At a constant lr nothing in ours' TopK recipe depends on the budget, so a run's FVU after s steps
+is that of an s-step run and each curve gives every shorter budget. Prints, per budget, the FVU at each
+multiple and the best multiple; fits log(best multiple) against log(steps) over the budgets where the best
+is inside the grid; writes the JSON and a figure.
+
+Usage: .venv/bin/python bench/lr_horizon.py [--config 384x6144] [--steps 2000] [--multiples 1,2,4,8,16,32]
+       [--threads 2] [--plot-only]
+About 6 min per multiple at 384x6144 and 2000 steps on 2 threads of an AVX512-BF16 Xeon.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peers  # noqa: E402
+import quality_defaults as qd  # noqa: E402
+
+
+def paper_lr(n: int) -> float:
+    return 2e-4 / math.sqrt(n / 2**14)
+
+
+def best_by_budget(runs: list[dict]) -> list[dict]:
+    """Per eval point every run reached: each multiple's FVU and the best multiple."""
+    points = sorted({p["vectors"] for r in runs for p in r["curve"]})
+    rows = []
+    for v in points:
+        fvu = {r["multiple"]: p["fvu"] for r in runs for p in r["curve"] if p["vectors"] == v}
+        if len(fvu) == len(runs):
+            best = min(fvu, key=fvu.get)
+            rows.append({"steps": v // qd.BATCH, "fvu": fvu, "best": best})
+    return rows
+
+
+def fit_slope(rows: list[dict], multiples: list[float]) -> tuple[float, float] | None:
+    """Least squares log(best) = a + slope log(steps), over budgets whose best is not at the grid's edge."""
+    inner = [(math.log(r["steps"]), math.log(r["best"])) for r in rows if min(multiples) < r["best"] < max(multiples)]
+    if len(inner) < 2 or len({x for x, _ in inner}) < 2:
+        return None
+    mx, my = sum(x for x, _ in inner) / len(inner), sum(y for _, y in inner) / len(inner)
+    slope = sum((x - mx) * (y - my) for x, y in inner) / sum((x - mx) ** 2 for x, _ in inner)
+    return slope, math.exp(my - slope * mx)
+
+
+def report(saved: dict, figure_path: Path) -> None:
+    runs, multiples = saved["runs"], sorted(r["multiple"] for r in saved["runs"])
+    rows = best_by_budget(runs)
+    print(f"{saved['config']}, k {qd.K}, batch {qd.BATCH}; lr = multiple x {paper_lr(saved['n']):.3g} "
+          f"(the paper's rule)\n")
+    print("| steps | vectors | " + " | ".join(f"x{m:g}" for m in multiples) + " | best |")
+    print("|" + "---|" * (3 + len(multiples)))
+    for r in rows:
+        cells = [f"**{r['fvu'][m]:.4f}**" if m == r["best"] else f"{r['fvu'][m]:.4f}" for m in multiples]
+        print(f"| {r['steps']} | {r['steps'] * qd.BATCH:,} | " + " | ".join(cells) + f" | x{r['best']:g} |")
+    fit = fit_slope(rows, multiples)
+    print("\nbest multiple ~ " + (f"{fit[1]:.3g} x steps^{fit[0]:.2f} (budgets whose best is inside the grid)"
+                                  if fit else "not fitted: fewer than two budgets have their best inside the grid"))
+    import matplotlib.pyplot as plt
+
+    from analysis.figures.style import STYLE
+    from sae_core.io import write_atomic
+
+    with plt.rc_context(STYLE):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9.2, 3.6))
+        for i, r in enumerate(sorted(runs, key=lambda r: r["multiple"])):
+            left.plot([p["vectors"] // qd.BATCH for p in r["curve"]], [p["fvu"] for p in r["curve"]],
+                      color=f"C{i}", marker="o", markersize=3, label=f"lr x{r['multiple']:g}")
+        left.set(xscale="log", yscale="log", xlabel="steps (batch 4096)", ylabel="held-out FVU",
+                 title=f"{saved['config']}: constant lr, multiples of the paper's")
+        left.legend(fontsize=7)
+        steps = [r["steps"] for r in rows]
+        right.plot(steps, [r["best"] for r in rows], "o", color="C0", label="best multiple")
+        if fit:
+            right.plot(steps, [fit[1] * s ** fit[0] for s in steps], color="C1",
+                       label=f"{fit[1]:.3g} steps^{fit[0]:.2f}")
+        right.axhline(1, color="grey", lw=0.8)
+        right.set(xscale="log", yscale="log", xlabel="budget (steps)", ylabel="best lr / paper's rule",
+                  title="best constant lr against the budget")
+        right.legend(fontsize=7)
+        write_atomic(figure_path, lambda tmp: fig.savefig(tmp, format="png"))
+        plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="384x6144", choices=list(qd.CONFIGS))
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--multiples", default="1,2,4,8,16,32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out-json", type=Path, default=peers.ROOT / "bench/results/lr_horizon.json")
+    ap.add_argument("--figure", type=Path, default=peers.ROOT / "docs/figures/lr_horizon.png")
+    ap.add_argument("--plot-only", action="store_true", help="table and figure from --out-json, no training")
+    args = ap.parse_args()
+    import machine  # bench/machine.py
+
+    sys.path.insert(0, str(peers.ROOT))
+    from sae_core.io import write_atomic
+    from sae_core.trainer import curve_steps
+
+    if args.plot_only:
+        report(json.loads(args.out_json.read_text()), args.figure)
+        return
+    d, n, _ = qd.CONFIGS[args.config]
+    saved = {"machine": machine.describe(), "config": args.config, "n": n, "runs": []}
+    print(saved["machine"] + "\n", flush=True)
+    args.budget_s = 4 * 3600.0  # qd.run_one's hang guard; these runs are meant to finish
+    for m in map(float, args.multiples.split(",")):
+        spec = dict(config=args.config, trainer="ours", d=d, n=n, steps=args.steps,
+                    eval_at=curve_steps(args.steps, qd.BATCH, qd.PER_DECADE), threads=args.threads,
+                    budget_s=args.budget_s, ours_train={"lr": m * paper_lr(n)})
+        run = qd.run_one(Path(sys.executable), spec, args)
+        print(f"lr x{m:g}: {run['steps']} steps, {run['train_s']:.0f} s {run['note']}", flush=True)
+        saved["runs"].append({**run, "multiple": m})
+        write_atomic(args.out_json, lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=1)))
+    print()
+    report(saved, args.figure)
+
+
+if __name__ == "__main__":
+    main()
