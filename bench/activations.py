@@ -18,19 +18,10 @@ import time
 
 import numpy as np
 import torch
+from timing import best_of  # bench/timing.py
 
 from sae_core.activation_cache import ActivationCache, CacheSpec
 from sae_core.lm import ActivationExtractor, load_model
-
-
-def best_of(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def evict(paths) -> None:

@@ -8,8 +8,7 @@ lr*(D) = B D^-beta. This measures that dependence for an SAE: ours trains at mul
 for the longest budget, through bench/quality_defaults.py's worker (same data, held-out FVU about 4 times a
 decade). At a constant lr nothing in ours' TopK recipe depends on the budget, so a run's FVU after s steps
 is that of an s-step run and each curve gives every shorter budget. Prints, per budget, the FVU at each
-multiple and the best multiple; fits log(best multiple) against log(steps) over the budgets where the best
-is inside the grid; writes the JSON and a figure.
+multiple and the best multiple; writes the JSON and a figure.
 
 Usage: .venv/bin/python bench/lr_horizon.py [--config 384x6144] [--steps 2000] [--multiples 1,2,4,8,16,32]
        [--threads 2] [--plot-only]
@@ -44,16 +43,6 @@ def best_by_budget(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def fit_slope(rows: list[dict], multiples: list[float]) -> tuple[float, float] | None:
-    """Least squares log(best) = a + slope log(steps), over budgets whose best is not at the grid's edge."""
-    inner = [(math.log(r["steps"]), math.log(r["best"])) for r in rows if min(multiples) < r["best"] < max(multiples)]
-    if len(inner) < 2 or len({x for x, _ in inner}) < 2:
-        return None
-    mx, my = sum(x for x, _ in inner) / len(inner), sum(y for _, y in inner) / len(inner)
-    slope = sum((x - mx) * (y - my) for x, y in inner) / sum((x - mx) ** 2 for x, _ in inner)
-    return slope, math.exp(my - slope * mx)
-
-
 def report(saved: dict, figure_path: Path) -> None:
     runs, multiples = saved["runs"], sorted(r["multiple"] for r in saved["runs"])
     rows = best_by_budget(runs)
@@ -64,9 +53,6 @@ def report(saved: dict, figure_path: Path) -> None:
     for r in rows:
         cells = [f"**{r['fvu'][m]:.4f}**" if m == r["best"] else f"{r['fvu'][m]:.4f}" for m in multiples]
         print(f"| {r['steps']} | {r['steps'] * qd.BATCH:,} | " + " | ".join(cells) + f" | x{r['best']:g} |")
-    fit = fit_slope(rows, multiples)
-    print("\nbest multiple ~ " + (f"{fit[1]:.3g} x steps^{fit[0]:.2f} (budgets whose best is inside the grid)"
-                                  if fit else "not fitted: fewer than two budgets have their best inside the grid"))
     import matplotlib.pyplot as plt
 
     from analysis.figures.style import STYLE
@@ -81,14 +67,10 @@ def report(saved: dict, figure_path: Path) -> None:
                  title=f"{saved['config']}: constant lr, multiples of the paper's")
         left.legend(fontsize=7)
         steps = [r["steps"] for r in rows]
-        right.plot(steps, [r["best"] for r in rows], "o", color="C0", label="best multiple")
-        if fit:
-            right.plot(steps, [fit[1] * s ** fit[0] for s in steps], color="C1",
-                       label=f"{fit[1]:.3g} steps^{fit[0]:.2f}")
+        right.plot(steps, [r["best"] for r in rows], "o-", color="C0")
         right.axhline(1, color="grey", lw=0.8)
         right.set(xscale="log", yscale="log", xlabel="budget (steps)", ylabel="best lr / paper's rule",
                   title="best constant lr against the budget")
-        right.legend(fontsize=7)
         write_atomic(figure_path, lambda tmp: fig.savefig(tmp, format="png"))
         plt.close(fig)
 

@@ -227,7 +227,7 @@ def encode_time(sae, x, k: int) -> float:
     from sae_core.kernels.topk_select import resolve_selection
 
     device = str(x.device)
-    arch, selection = sae.net, resolve_selection("auto", 2.0, x.device)
+    arch, selection = sae.net, resolve_selection("auto", 2.0, x.device, x.shape[0])
     times = []
     with torch.no_grad():
         for _ in range(3):

@@ -9,21 +9,11 @@ Usage: .venv/bin/python bench/topk_rows.py [--shapes 4096x24576,4096x98304,1024x
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import best_of  # bench/timing.py
 
 from sae_core.kernels.topk_select import row_topk
-
-
-def best_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -47,8 +37,8 @@ def main() -> None:
         for m in map(int, args.m.split(",")):
             plain = grouped = float("inf")
             for _ in range(2):  # interleaved
-                plain = min(plain, best_time(lambda t=t, m=m: t.topk(m, dim=-1, sorted=False), args.reps))
-                grouped = min(grouped, best_time(lambda t=t, m=m: row_topk(t, m), args.reps))
+                plain = min(plain, best_of(lambda t=t, m=m: t.topk(m, dim=-1, sorted=False), args.reps))
+                grouped = min(grouped, best_of(lambda t=t, m=m: row_topk(t, m), args.reps))
             print(f"| {B} x {n} | {m} | {plain:.4f} | {grouped:.4f} | {plain / grouped:.2f}x |")
 
 

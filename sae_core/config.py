@@ -69,7 +69,8 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(None, gt=0, **Finite)  # max gradient norm; None: no clipping
     autocast: Literal["none", "bf16", "fp16"] = "none"  # mixed precision of the forward (fp16 with loss scaling)
     # TopK family: rank the encoder's pre-activations in bf16 and recompute the winners' values exactly
-    # (sae_core/kernels/topk_select.py); auto = bf16 where the hardware has native bf16 matmul
+    # (sae_core/kernels/topk_select.py); auto = bf16 where the hardware has native bf16 matmul (on a CPU,
+    # from 2048 batch rows per process: below, the per-step bf16 copy of W_enc costs what it saves)
     topk_select: Literal["auto", "exact", "bf16"] = "auto"
     topk_select_capacity: float = Field(2.0, ge=1, le=64, **Finite)  # bf16 candidates kept per winner
     # sharded TopK: candidates each of S shards offers, as a multiple of k / S (Gao et al. D.1: 2); exact

@@ -159,7 +159,8 @@ class Trainer:
         self.source = source
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = resolve_device(self.cfg.device)
-        self.selection = resolve_selection(self.cfg.topk_select, self.cfg.topk_select_capacity, self.device)
+        self.selection = resolve_selection(self.cfg.topk_select, self.cfg.topk_select_capacity, self.device,
+                                           self.cfg.batch_size // mesh.replicas)
         self.fingerprint = train_fingerprint(self.sae_cfg, self.cfg)
 
     # --- setup -----------------------------------------------------------------------------

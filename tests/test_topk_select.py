@@ -83,11 +83,14 @@ def test_gradients_through_bf16_selection_equal_exact_when_sets_agree():
 
 def test_resolve_selection():
     cpu = torch.device("cpu")
-    assert resolve_selection("exact", 2.0, cpu) == EXACT
-    assert resolve_selection("bf16", 3.0, cpu) == Selection(torch.bfloat16, 3.0)
+    assert resolve_selection("exact", 2.0, cpu, 4096) == EXACT
+    assert resolve_selection("bf16", 3.0, cpu, 64) == Selection(torch.bfloat16, 3.0)
     flags = open("/proc/cpuinfo").read()
-    native = "avx512_bf16" in flags or "amx_bf16" in flags
-    assert resolve_selection("auto", 2.0, cpu) == (Selection(torch.bfloat16, 2.0) if native else EXACT)
+    native = ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    many = topk_select.BF16_MIN_ROWS_CPU
+    assert resolve_selection("auto", 2.0, cpu, many) == (Selection(torch.bfloat16, 2.0) if native else EXACT)
+    # below it the per-step bf16 copy of W_enc costs what the cheaper matmul saves: exact
+    assert resolve_selection("auto", 2.0, cpu, many - 1) == EXACT
 
 
 def test_streamed_encoder_and_row_blocked_adam_train_like_the_one_pass_path(monkeypatch):
@@ -111,7 +114,7 @@ def test_auto_ranks_exactly_where_onednn_is_capped_below_native_bf16():
     """ONEDNN_MAX_CPU_ISA=AVX2 (bench/machine.py --isa avx2) makes oneDNN's bf16 matmul emulated, many times
     slower than fp32 even on a CPU with AVX512-BF16: auto must then rank exactly."""
     code = ("import torch; from sae_core.kernels.topk_select import resolve_selection, EXACT; "
-            "print(resolve_selection('auto', 2.0, torch.device('cpu')) == EXACT)")
+            "print(resolve_selection('auto', 2.0, torch.device('cpu'), 4096) == EXACT)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert out.stdout.strip() == "True"

@@ -56,11 +56,20 @@ def _cpu_has_native_bf16() -> bool:
         return False
 
 
-def resolve_selection(mode: str, capacity: float, device: torch.device) -> Selection:
+# On a CPU, bf16 ranking pays from this many rows per step: it makes a bf16 copy of W_enc at every step
+# (n x d, whatever the batch), which costs what the cheaper matmul saves at 1024 rows (n 24576: 0.253 s
+# either way; n 98304: 0.906 s against 0.778 exact) and far less at 4096 (0.459 against 0.686, 1.44 against
+# 2.40): bench/peers.py, Intel Xeon with AMX
+BF16_MIN_ROWS_CPU = 2048
+
+
+def resolve_selection(mode: str, capacity: float, device: torch.device, rows: int) -> Selection:
     """`train.topk_select`: exact, bf16, or auto = bf16 where the hardware multiplies bf16 natively (CUDA
-    with bf16 support, CPUs with AVX512-BF16 or AMX), exact elsewhere, where bf16 would be emulated."""
+    with bf16 support; CPUs with AVX512-BF16 or AMX at BF16_MIN_ROWS_CPU or more rows per step), exact
+    elsewhere, where bf16 would be emulated or not pay. rows: the batch rows each step encodes."""
     if mode == "auto":
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_native_bf16()
+        native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+                  else _cpu_has_native_bf16() and rows >= BF16_MIN_ROWS_CPU)
         mode = "bf16" if native else "exact"
     return Selection(torch.bfloat16, capacity) if mode == "bf16" else EXACT
 
