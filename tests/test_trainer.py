@@ -8,6 +8,7 @@ import torch
 from scipy.optimize import minimize
 
 from sae_core import SAE, ConfigError, Trainer
+from sae_core import trainer as trainer_module
 from sae_core.architectures import StepContext, parse_sae_config
 from sae_core.checkpoint import MANIFEST, consolidate
 from sae_core.config import TrainConfig
@@ -35,7 +36,10 @@ def test_decoder_rows_unit_norm_after_every_step(tmp_path):
     assert result.steps == 4
 
 
-def test_parallel_gradient_removal_leaves_gradients_orthogonal_to_rows():
+@pytest.mark.parametrize("block_rows", [None, 7])  # one block; blocks of 7 rows, the last one partial
+def test_parallel_gradient_removal_leaves_gradients_orthogonal_to_rows(block_rows, monkeypatch):
+    if block_rows:
+        monkeypatch.setattr(trainer_module, "PROJECTION_BLOCK", 16 * block_rows)
     W = torch.nn.Parameter(torch.randn(50, 16, dtype=torch.float64))
     with torch.no_grad():
         W.div_(W.norm(dim=1, keepdim=True))
