@@ -18,17 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 import quality_defaults as qd  # noqa: E402
-
-
-def paper_lr(n: int) -> float:
-    return 2e-4 / math.sqrt(n / 2**14)
 
 
 def best_by_budget(runs: list[dict]) -> list[dict]:
@@ -46,7 +41,7 @@ def best_by_budget(runs: list[dict]) -> list[dict]:
 def report(saved: dict, figure_path: Path) -> None:
     runs, multiples = saved["runs"], sorted(r["multiple"] for r in saved["runs"])
     rows = best_by_budget(runs)
-    print(f"{saved['config']}, k {qd.K}, batch {qd.BATCH}; lr = multiple x {paper_lr(saved['n']):.3g} "
+    print(f"{saved['config']}, k {qd.K}, batch {qd.BATCH}; lr = multiple x {peers.adam_lr(saved['n']):.3g} "
           f"(the paper's rule)\n")
     print("| steps | vectors | " + " | ".join(f"x{m:g}" for m in multiples) + " | best |")
     print("|" + "---|" * (3 + len(multiples)))
@@ -101,7 +96,7 @@ def main() -> None:
     for m in map(float, args.multiples.split(",")):
         spec = dict(config=args.config, trainer="ours", d=d, n=n, steps=args.steps,
                     eval_at=curve_steps(args.steps, qd.BATCH, qd.PER_DECADE), threads=args.threads,
-                    budget_s=args.budget_s, ours_train={"lr": m * paper_lr(n)})
+                    budget_s=args.budget_s, ours_train={"lr": m * peers.adam_lr(n)})
         run = qd.run_one(Path(sys.executable), spec, args)
         print(f"lr x{m:g}: {run['steps']} steps, {run['train_s']:.0f} s {run['note']}", flush=True)
         saved["runs"].append({**run, "multiple": m})

@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+from peers import adam_lr, density_cut  # bench/peers.py
 
 from sae_core import Trainer, architecture_names
 from sae_core.kernels import dense_code
@@ -72,8 +73,7 @@ def set_density(arch, x: torch.Tensor, density: float) -> float:
     """Shift the family's bias (JumpReLU: its threshold) so that about `density` of the code is nonzero on x,
     as after the sparsity penalty's warm-up (at init about half is); returns the density reached."""
     name, values = ACTIVITY[arch.name]
-    v = values(arch, x).flatten()
-    q = v[:: max(1, v.numel() // 2**22)].float().quantile(1 - density).item()
+    q = density_cut(values(arch, x), density)
     param = getattr(arch, name)
     param.copy_(torch.full_like(param, q) if name == "threshold" else param - q)
     return float((arch.encode(x) != 0).float().mean())
@@ -150,7 +150,7 @@ def main() -> None:
                     methods["relu sparse"] = at_threshold(session.step, 1.0)
         for arch, naive_k in (("topk", args.k), ("relu", None)):
             if arch in archs and not args.skip_naive:
-                methods[f"naive {arch}"] = naive_step_fn(d, n, naive_k, 2e-4 / (n / 2**14) ** 0.5)
+                methods[f"naive {arch}"] = naive_step_fn(d, n, naive_k, adam_lr(n))
         times = {m: [] for m in methods}
         for _ in range(args.reps):
             for name, fn in methods.items():
