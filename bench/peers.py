@@ -4,7 +4,7 @@
 The peers live in their own venv (bench/.venv, built on first use: torch pinned as in the Makefile, then
 sae-lens and eai-sparsify under that constraint; never a project dependency). Each (config, trainer) runs
 in a fresh subprocess on the same synthetic activations (a random dictionary, generated from the same seeds
-in every process), same thread count, Adam at the same learning rate (ours' default, 2e-4 / sqrt(n / 2^14)).
+in every process), same thread count, Adam at the same learning rate (the paper's rule, 2e-4 / sqrt(n / 2^14)).
 Ours runs twice for TopK: "ours" with the default train.topk_select (auto: bf16 ranking with the winners
 recomputed exactly, where the hardware has native bf16) and "ours-exact" (exact ranking).
 
@@ -89,7 +89,8 @@ def batch(d: int, n: int, seed: int):
 
 
 def adam_lr(n: int) -> float:
-    """Ours' default; given to every peer so that quality differences are not learning-rate differences."""
+    """The paper's rule (`lr: auto`); given to every trainer here so that quality differences are not
+    learning-rate differences."""
     return 2e-4 / (n / 2**14) ** 0.5
 
 
@@ -101,9 +102,10 @@ def density_cut(values, density: float) -> float:
 
 
 # --- trainers (each returns step(x), reconstruct(x) and the model) -----------------------------------------
-def build_ours(cfg: dict, total: int, variant: str, device: str, **train_overrides):
-    """train_overrides: TrainConfig keys over these (init_samples is one batch here, to start timing runs
-    quickly)."""
+def build_ours(cfg: dict, total: int, variant: str, device: str, vectors=None, **train_overrides):
+    """vectors: (n, seed) -> n vectors, numbered as batch()'s seeds (default: batch()); train_overrides:
+    TrainConfig keys over these (init_samples is one batch here, to start timing runs quickly)."""
+    vectors = vectors or (lambda n, seed: batch(cfg["d"], n, seed))
     sys.path.insert(0, str(ROOT))
     from sae_core import Trainer
     from sae_core.sources.base import ActivationSource
@@ -112,10 +114,10 @@ def build_ours(cfg: dict, total: int, variant: str, device: str, **train_overrid
         d_in = cfg["d"]
 
         def train_batch(self, step, batch_size):
-            return batch(cfg["d"], batch_size, 10_000 + step).to(device)
+            return vectors(batch_size, 10_000 + step).to(device)
 
         def eval_set(self):
-            return batch(cfg["d"], N_EVAL, 1).to(device)
+            return vectors(N_EVAL, 1).to(device)
 
     sae = {"arch": cfg["arch"], "d_in": cfg["d"], "n_latents": cfg["n"]}
     if cfg["k"]:
@@ -195,8 +197,8 @@ def build_saelens(cfg: dict, total: int, device: str):
 
 
 def build(trainer: str, cfg: dict, total: int, device: str):
-    if trainer.startswith("ours"):
-        return build_ours(cfg, total, trainer, device)
+    if trainer.startswith("ours"):  # at the peers' lr (the paper's rule), not at its own default (lr: horizon)
+        return build_ours(cfg, total, trainer, device, lr=adam_lr(cfg["n"]))
     return {"sparsify": build_sparsify, "saelens": build_saelens}[trainer](cfg, total, device)
 
 

@@ -179,7 +179,7 @@ def plan_runs(spec: SweepSpec, d_in: int, layers: list[int | None], source: str 
         # train_tokens a family's own budget (its source cycles the pool in reshuffled epochs if larger)
         train = {**spec.train, **{k: v for k, v in values.items() if k in train_keys()},
                  "train_tokens": values.get("train_tokens", spec.data.train_tokens),
-                 "lr": values.get("lr", "auto"), "seed": values.get("seed", 0)}
+                 **({"lr": values["lr"]} if "lr" in values else {}), "seed": values.get("seed", 0)}
         # hook.multi_layer `both`: the grid point sizes the multi-layer SAE; each of the L per-layer SAEs beside
         # it gets 1/L of its latents and of its training vectors, so the two compare at equal total latents on
         # the same vectors (each position's vector at each layer seen as often), as Lawson et al. 2024 compare

@@ -31,17 +31,33 @@ RECIPES: dict[str, dict] = {
         # gradient clipping or weight averaging") without a value in the text we have; the reference
         # code's default is no clipping, kept here
         "grad_clip": None,
+        "lr": "auto",  # Fig. 3's rule as it is; the TopK family's own default is `horizon` (below)
     },
 }
 
 
-def _positive_or(keyword: str):
-    """Validator of a setting that is a finite number > 0 or the one keyword."""
+def _positive_or(*keywords: str):
+    """Validator of a setting that is a finite number > 0 or one of the keywords."""
     def check(v):
-        if v != keyword and not (math.isfinite(v) and v > 0):
-            raise ValueError(f"must be a finite number > 0 or '{keyword}'")
+        if v not in keywords and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"must be a finite number > 0 or {' or '.join(map(repr, keywords))}")
         return v
     return check
+
+
+# `lr: horizon`. The paper's rule is the best lr of runs trained to convergence (Gao et al. 2024, Fig. 3:
+# 0.6-7.9B tokens); a shorter run is better served by a larger one, and Bjorck et al. 2024 ("Scaling Optimal
+# LR Across Token Horizons") find the best lr falling with the horizon D as a power law. Measured for a TopK
+# SAE (bench/lr_horizon.py --data minilm: 384 x 6144, k 32, batch 4096, MiniLM-L6 activations, multiples
+# 1-64 of the rule, budgets 4k-8.2M vectors): from 100 steps on the interpolated best lr is the rule x
+# (D / HORIZON_D1)^-HORIZON_BETA, meeting the rule at HORIZON_D1 vectors; below, it levels off, so never
+# more than HORIZON_MAX times the rule (the best multiple of the grid from 2 to 178 steps).
+HORIZON_BETA, HORIZON_D1, HORIZON_MAX = 0.50, 1.2e8, 16.0
+
+
+def horizon_lr_factor(train_tokens: int) -> float:
+    """How many times the paper's lr rule a run of train_tokens vectors trains best at: 1 from HORIZON_D1 on."""
+    return min(HORIZON_MAX, max(1.0, (train_tokens / HORIZON_D1) ** -HORIZON_BETA))
 
 
 class TrainConfig(BaseModel):
@@ -51,7 +67,9 @@ class TrainConfig(BaseModel):
     recipe: Literal[tuple(RECIPES)] = "default"  # type: ignore[valid-type]
     train_tokens: int = Field(ge=1)  # activation vectors seen (one per token and layer)
     batch_size: int = Field(4096, ge=1)  # Gao et al.: 131072 (recipe gao2024)
-    lr: float | Literal["auto"] = "auto"  # auto = 2e-4 / sqrt(n_latents / 2^14)
+    # auto = 2e-4 / sqrt(n_latents / 2^14), the paper's rule; horizon = that times horizon_lr_factor(train_tokens),
+    # the TopK family's default (Architecture.train_defaults), where it was measured
+    lr: float | Literal["auto", "horizon"] = "auto"
     adam_beta1: float = Field(0.9, ge=0, lt=1)  # Adam's first-moment decay
     adam_beta2: float = Field(0.999, ge=0, lt=1)  # Adam's second-moment decay
     adam_eps: float = Field(6.25e-10, gt=0, **Finite)  # Adam's epsilon
@@ -98,7 +116,7 @@ class TrainConfig(BaseModel):
         object.__setattr__(model, "__pydantic_fields_set__", model.model_fields_set & given)
         return model
 
-    _lr_positive_finite = field_validator("lr")(_positive_or("auto"))
+    _lr_positive_finite = field_validator("lr")(_positive_or("auto", "horizon"))
     _scale_positive_finite = field_validator("init_encoder_scale")(_positive_or("fit"))
 
     @field_validator("lr_decay_frac")
@@ -116,15 +134,20 @@ class TrainConfig(BaseModel):
         return v
 
     def resolved_lr(self, n_latents: int) -> float:
-        return 2e-4 / math.sqrt(n_latents / 2**14) if self.lr == "auto" else float(self.lr)
+        if self.lr in ("auto", "horizon"):
+            paper = 2e-4 / math.sqrt(n_latents / 2**14)
+            return paper * horizon_lr_factor(self.train_tokens) if self.lr == "horizon" else paper
+        return float(self.lr)
 
     def steps(self) -> int:
         return math.ceil(self.train_tokens / self.batch_size)
 
 
 def with_family_defaults(cfg: TrainConfig, family_defaults: dict) -> TrainConfig:
-    """The family's own training settings (e.g. JumpReLU's Adam beta1 = 0) for the keys the user left unset."""
-    return cfg.model_copy(update={k: v for k, v in family_defaults.items() if k not in cfg.model_fields_set})
+    """The family's own training settings (e.g. JumpReLU's Adam beta1 = 0) for the keys neither the user nor
+    the chosen recipe set."""
+    chosen = cfg.model_fields_set | set(RECIPES[cfg.recipe])
+    return cfg.model_copy(update={k: v for k, v in family_defaults.items() if k not in chosen})
 
 
 def parse_train_config(data: dict | TrainConfig, source: str = "config", prefix: str = "train") -> TrainConfig:

@@ -118,12 +118,17 @@ def test_lr_auto_and_its_resolved_value_are_one_run():
         (run,) = _plan(data)
         return run
 
-    auto, explicit, default = one("auto"), one(0.0032), one(None)
-    assert auto.run_id == explicit.run_id == default.run_id
+    auto, explicit = one("auto"), one(0.0032)
+    assert auto.run_id == explicit.run_id
     assert auto.settings == explicit.settings
     assert one(0.0031).run_id != auto.run_id
     # the worker still gets the config as spelt (the trainer resolves auto itself)
     assert auto.train["lr"] == "auto" and explicit.train["lr"] == 0.0032
+    # horizon resolves with the run's budget: the number it gives is the same run, and not auto's; it is the
+    # TopK family's default
+    horizon = one("horizon")
+    assert horizon.run_id == one(TrainConfig(train_tokens=512, lr="horizon").resolved_lr(64)).run_id != auto.run_id
+    assert one(None).run_id == horizon.run_id and one(None).train["lr"] == "horizon"
 
 
 # --- text files and local datasets --------------------------------------------------------------------

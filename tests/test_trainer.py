@@ -11,7 +11,7 @@ from sae_core import SAE, ConfigError, Trainer
 from sae_core import trainer as trainer_module
 from sae_core.architectures import StepContext, parse_sae_config
 from sae_core.checkpoint import MANIFEST, consolidate
-from sae_core.config import TrainConfig
+from sae_core.config import HORIZON_BETA, HORIZON_D1, HORIZON_MAX, TrainConfig
 from sae_core.geometric_median import geometric_median
 from sae_core.normalization import denormalize, normalize
 from sae_core.sources import ActivationSource, SyntheticSource, mmcs
@@ -205,6 +205,29 @@ def test_lr_auto_and_schedule():
     assert lrs[80] == 1.0 and lrs[90] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.05)
 
 
+def test_lr_horizon_is_the_paper_rule_scaled_up_for_short_runs():
+    def factor(tokens: int, n: int = 2**16) -> float:
+        return TrainConfig(train_tokens=tokens, lr="horizon").resolved_lr(n) / TrainConfig(train_tokens=tokens).resolved_lr(n)
+
+    assert factor(int(HORIZON_D1)) == pytest.approx(1.0, rel=1e-6)
+    assert factor(10**12) == 1.0  # past the horizon where it was measured to meet the rule: the rule itself
+    short = int(HORIZON_D1 / 100)
+    assert factor(short) == pytest.approx(100**HORIZON_BETA, rel=1e-6)
+    assert factor(short, n=2**12) == pytest.approx(factor(short, n=2**20))  # the rule's n-dependence is kept
+    assert factor(1) == HORIZON_MAX
+    factors = [factor(int(t)) for t in np.logspace(0, 11, 45)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    assert TrainConfig(train_tokens=10**6, lr=1e-3).resolved_lr(2**14) == 1e-3
+    # the TopK family's default, where it was measured; the L1 families keep the paper's rule
+    from sae_core.trainer import resolve_configs
+
+    lr_of = {arch: resolve_configs({"arch": arch, "d_in": 16, "n_latents": 64, **({"k": 4} if k else {})},
+                                   {"train_tokens": 512})[1].lr
+             for arch, k in [("topk", 1), ("batchtopk", 1), ("multi_topk", 1), ("relu", 0), ("jumprelu", 0)]}
+    assert lr_of == {"topk": "horizon", "batchtopk": "horizon", "multi_topk": "horizon", "relu": "auto",
+                     "jumprelu": "auto"}
+
+
 def test_curve_steps_cover_every_decade():
     steps = curve_steps(total_steps=10_000, batch_size=100, per_decade=4)
     assert steps[0] == 1 and steps[-1] == 10_000 and steps == sorted(set(steps))
@@ -309,7 +332,7 @@ def test_fitted_encoder_scale_is_the_least_squares_factor_of_the_initial_reconst
 
 # --- recipes -------------------------------------------------------------------------------------
 GAO2024 = {"batch_size": 131072, "ema_decay": 0.999, "init_encoder_scale": 1.0, "topk_select": "exact",
-           "grad_clip": None}
+           "grad_clip": None, "lr": "auto"}
 
 
 def test_recipe_gao2024_resolves_to_the_papers_values():
@@ -329,20 +352,23 @@ def test_recipe_gao2024_resolves_to_the_papers_values():
     assert paper.model_dump()["batch_size"] == 131072
 
 
-def test_recipe_yields_to_keys_set_explicitly_and_to_the_familys_own_settings():
+def test_recipe_yields_to_keys_set_explicitly_and_wins_over_the_familys_own_settings():
     from sae_core.config import parse_train_config, with_family_defaults
 
     cfg = parse_train_config({"train_tokens": 1000, "recipe": "gao2024", "batch_size": 256, "ema_decay": None})
     assert (cfg.batch_size, cfg.ema_decay, cfg.init_encoder_scale) == (256, None, 1.0)
     assert cfg.model_fields_set == {"train_tokens", "recipe", "batch_size", "ema_decay"}
-    # a family's own training setting (JumpReLU's beta1 = 0) applies where the user set nothing
-    fam = with_family_defaults(cfg, {"adam_beta1": 0.0, "init_encoder_scale": 2.0, "batch_size": 8})
-    assert (fam.adam_beta1, fam.init_encoder_scale, fam.batch_size) == (0.0, 2.0, 256)
+    # a family's own training setting (JumpReLU's beta1 = 0) applies where neither the user nor the recipe set
+    # the key: the recipe is a paper's whole setting (TopK's lr `horizon` yields to gao2024's `auto`)
+    fam = with_family_defaults(cfg, {"adam_beta1": 0.0, "init_encoder_scale": 2.0, "batch_size": 8, "lr": "horizon"})
+    assert (fam.adam_beta1, fam.init_encoder_scale, fam.batch_size, fam.lr) == (0.0, 1.0, 256, "auto")
+    assert with_family_defaults(parse_train_config({"train_tokens": 1000}), {"lr": "horizon"}).lr == "horizon"
     # the trainer resolves it too, and the run's identity changes with what the recipe changes
     sae = topk_cfg()
     plain = Trainer(sae, {"train_tokens": 512, "batch_size": 256}, SMALL)
     paper = Trainer(sae, {"train_tokens": 512, "batch_size": 256, "recipe": "gao2024"}, SMALL)
     assert paper.cfg.ema_decay == 0.999 and paper.cfg.init_encoder_scale == 1.0
+    assert (plain.cfg.lr, paper.cfg.lr) == ("horizon", "auto")
     assert plain.fingerprint != paper.fingerprint
 
 

@@ -81,6 +81,9 @@ class TopK(Architecture):
     shardable = True
     sparsity_keys = ("k",)
     l0_set_by_k = True  # BatchTopK and Multi-TopK too: k latents per row (on average over BatchTopK's batch)
+    # the paper's lr rule scaled up for runs shorter than its convergence horizon (config.horizon_lr_factor),
+    # measured on this family; `recipe: gao2024` and an explicit lr keep the rule
+    train_defaults = {"lr": "horizon"}
 
     def __init__(self, cfg: TopKConfig, mesh: Mesh = TRIVIAL):
         super().__init__(cfg, mesh)
