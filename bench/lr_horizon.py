@@ -6,12 +6,14 @@ convergence (their Fig. 3: 0.6-7.9B tokens at batch 131072). Bjorck et al. 2024 
 Token Horizons", ICLR 2025) find that the best lr falls with the training horizon D as a power law,
 lr*(D) = B D^-beta. This measures that dependence for an SAE: ours trains at multiples of the paper's lr, each
 for the longest budget, through bench/quality_defaults.py's worker (its data: bench/peers.py's synthetic
-vectors, or --data minilm, the embedded MiniLM-L6's residual stream; held-out FVU about 4 times a decade). At a constant lr nothing in ours' TopK recipe depends on the budget, so a run's FVU after s steps
-is that of an s-step run and each curve gives every shorter budget. Prints, per budget, the FVU at each
-multiple and the best multiple; writes the JSON and a figure.
+vectors, or --data minilm, the embedded MiniLM-L6's residual stream; held-out FVU about 4 times a decade).
+At a constant lr nothing in ours' TopK recipe depends on the budget, so a run's FVU after s steps is that of
+an s-step run and each curve gives every shorter budget. Prints, per budget, the FVU at each multiple, the
+best multiple and the optimum interpolated between multiples, then the power law fitted to the optima from
+--fit-from steps on (what sae_core.config's `lr: horizon` constants come from); writes the JSON and a figure.
 
 Usage: .venv/bin/python bench/lr_horizon.py [--config 384x6144] [--steps 2000] [--multiples 1,2,4,8,16,32]
-       [--threads 2] [--data synthetic|minilm] [--plot-only]
+       [--threads 2] [--data synthetic|minilm] [--fit-from 100] [--plot-only]
 About 6 min per multiple at 384x6144 and 2000 steps on 2 threads of an AVX512-BF16 Xeon.
 """
 from __future__ import annotations
