@@ -3,13 +3,14 @@
 
 bench/peers.py gives the peers our learning rate, so that a quality gap is not a learning-rate one; this asks
 what a user gets who changes nothing. TopK, k = 32, on bench/peers.py's synthetic vectors (batches of 4096,
-`peers.batch(d, 4096, 10_000 + step)` in every process) or, with --data minilm (384x6144 only), on real
-activations: the embedded MiniLM-L6's residual stream (bench/minilm_vectors.py, built on first use); FVU = sum (x - x_hat)^2 / sum (x - mean x)^2 on its
-held-out 4096 (seed 1), about 4 times a decade of vectors from the first batch, and at the last. Configs and
+`peers.batch(d, 4096, 10_000 + step)` in every process) or, with --data minilm (d 384 only), on real
+activations: the embedded MiniLM-L6's residual stream (bench/minilm_vectors.py, built on first use);
+FVU = sum (x - x_hat)^2 / sum (x - mean x)^2 on its held-out 4096 (seed 1), about 4 times a decade of vectors
+from the first batch, and at the last. Configs and
 default budgets: 384x6144, 2,048,000 vectors (500 steps); 768x24576, 1,003,520 (245). One subprocess per
 (config, trainer), the peers in bench/.venv. L0 is not recorded: TopK keeps at most k by construction.
-- ours (sae_core TrainConfig defaults, through peers.build_ours): Adam at the TopK family's `lr: horizon`,
-  2e-4 / sqrt(n / 2^14) x min(16, max(1, (vectors / 1.2e8)^-0.5)) (sae_core/config.py), betas 0.9 / 0.999, eps 6.25e-10, constant, no EMA, no clipping; inputs unit_norm
+- ours (sae_core TrainConfig defaults, through peers.build_ours): Adam at the TopK family's `lr: horizon`
+  (sae_core/config.py), betas 0.9 / 0.999, eps 6.25e-10, constant, no EMA, no clipping; inputs unit_norm
   per token, b_pre the geometric median, tied init with the fitted encoder scale, unit-norm decoder, AuxK 1/32.
 - sparsify 1.3.3 (TrainConfig: optimizer "signum", loss_fn "fvu", auxk_alpha 0; trainer.py's fit loop with
   those, step by step): ScheduleFreeWrapper(SignSGD, momentum 0.95), lr 5e-3 / sqrt(n / 2^14), no schedule;
@@ -51,8 +52,8 @@ FRACTIONS = (0.1, 0.3, 1.0)
 DATA = {"synthetic": "bench/peers.py's synthetic vectors (a random dictionary of 16384 unit features, 32 active)",
         "minilm": "the embedded MiniLM-L6's residual stream after block 5 of 6 (bench/minilm_vectors.py)"}
 DEFAULTS = {  # the table's header lines; the docstring says where each comes from
-    "ours": "Adam at lr: horizon, 2e-4/sqrt(n/2^14) x min(16, max(1, (vectors/1.2e8)^-0.5)), constant; unit_norm "
-            "inputs, geometric-median b_pre, unit-norm decoder, AuxK 1/32",
+    "ours": "Adam at lr: horizon, 2e-4/sqrt(n/2^14) x min({max:g}, max(1, (vectors/{d1:.2g})^-{beta:g})), constant; "
+            "unit_norm inputs, geometric-median b_pre, unit-norm decoder, AuxK 1/32",  # table() fills in config's
     "sparsify": "Signum (schedule-free SignSGD, momentum 0.95) 5e-3/sqrt(n/2^14), no schedule; FVU loss, no AuxK; "
                 "evaluated at the schedule-free average",
     "saelens": "Adam 3e-4, constant, grad clip 1; MSE loss, raw inputs, decoder init norm 0.1, AuxK after 1000 steps",
@@ -233,8 +234,10 @@ def ordered(runs: list[dict]) -> list[dict]:
 def table(saved: dict) -> None:
     runs = ordered(saved["runs"])
     print(f"vectors: {DATA[saved.get('data', 'synthetic')]}")
+    from sae_core.config import HORIZON_BETA, HORIZON_D1, HORIZON_MAX
+
     for t in dict.fromkeys(r["trainer"].split()[0] for r in runs):
-        print(f"{t}: {DEFAULTS[t]}")
+        print(f"{t}: {DEFAULTS[t].format(max=HORIZON_MAX, d1=HORIZON_D1, beta=HORIZON_BETA)}")
     print()
     print("| config | trainer | lr | vectors | " + " | ".join(f"FVU @{f:.0%}" for f in FRACTIONS)
           + " | final FVU | s/step | note |")
