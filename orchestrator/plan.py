@@ -331,25 +331,27 @@ def previous_plan(store: ResultsStore) -> list[dict]:
 
 
 def run_states(sweep: Sweep) -> dict[str, str]:
-    """run_id -> done, failed (with its error), broken (its unreadable files) or pending (and why)."""
-    store, ids = sweep.store, [r.run_id for r in sweep.runs]
-    broken = store.broken(ids)
-    rows = store.rows_of(rid for rid in ids if rid not in broken)
+    """run_id -> done, running, stopped, failed (with its error), broken (its unreadable files) or pending
+    (and why)."""
+    store = sweep.store
+    states = store.states(r.run_id for r in sweep.runs)
     previous = previous_plan(store)
-    states = {}
+    out = {}
     for run in sweep.runs:
-        row = rows.get(run.run_id)
-        if run.run_id in broken:
-            states[run.run_id] = "broken: " + ", ".join(str(p.relative_to(store.dir)) for p, _ in broken[run.run_id])
-        elif row is not None and row["status"] in DONE:
-            states[run.run_id] = "done"
-        elif row is not None and row["status"] == "stopped":
-            states[run.run_id] = f"stopped at {row['tokens']:,} tokens"
-        elif row is not None:
-            states[run.run_id] = f"{row['status']}: " + last_line(row.get("error"))
+        s = states[run.run_id]
+        if s.status == "broken":
+            out[run.run_id] = "broken: " + ", ".join(str(p.relative_to(store.dir)) for p, _ in s.problems)
+        elif s.status in DONE:
+            out[run.run_id] = "done"
+        elif s.status == "running":
+            out[run.run_id] = "running"
+        elif s.status == "stopped":
+            out[run.run_id] = f"stopped at {s.row['tokens']:,} tokens"
+        elif s.row is not None:
+            out[run.run_id] = f"{s.status}: " + last_line(s.row.get("error"))
         else:
-            states[run.run_id] = "pending: " + pending_reason(run, previous)
-    return states
+            out[run.run_id] = "pending: " + pending_reason(run, previous)
+    return out
 
 
 def dry_run(sweep: Sweep, echo: Callable[[str], None] = print) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from orchestrator.store import DONE, ResultsStore
+from orchestrator.store import ResultsStore
 from sae_core.errors import ConfigError
 
 SUMMARY_COLUMNS = ["arch", "layer", "n_latents", "k", "l1_coeff", "lr", "seed", "status", "nmse", "l0",
@@ -25,18 +25,15 @@ def sweep_status(sweep_dir: str | Path) -> tuple[str, bool]:
     store = ResultsStore.at(sweep_dir)
     planned = store.plan()
     ids = [r["run_id"] for r in planned] or [p.stem for p in sorted((store.dir / "runs").glob("*.parquet"))]
-    broken = store.broken(ids)
-    rows = store.rows_of(rid for rid in ids if rid not in broken)
-    running = store.running()
-    state = {rid: "broken" if rid in broken else rows[rid]["status"] if rid in rows and rows[rid]["status"] in DONE
-             else "running" if rid in running else rows.get(rid, {}).get("status", "pending") for rid in ids}
-    stopped = ("stopped",) if "stopped" in state.values() else ()  # by a search (orchestrator/search.py)
+    states = store.states(ids)
+    broken = {rid: s.problems for rid, s in states.items() if s.status == "broken"}
+    stopped = ("stopped",) if any(s.status == "stopped" for s in states.values()) else ()  # by a search
     kinds = ("ok", "diverged", *stopped, "running", "failed", "pending") + (("broken",) if broken else ())
-    counts = {s: sum(v == s for v in state.values()) for s in kinds}
-    lines = [f"{store.sweep}: {len(ids)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
-    for rid, s in state.items():
-        if s in ("failed", "diverged"):
-            lines.append(f"  {rid} {s}: {last_line(rows[rid].get('error'))}")
+    counts = {k: sum(s.status == k for s in states.values()) for k in kinds}
+    lines = [f"{store.sweep}: {len(ids)} runs: " + ", ".join(f"{n} {k}" for k, n in counts.items())]
+    for rid, s in states.items():
+        if s.status in ("failed", "diverged"):
+            lines.append(f"  {rid} {s.status}: {last_line(s.row.get('error'))}")
     for rid, problems in broken.items():
         for path, why in problems:
             lines.append(f"  {rid} broken: {path}: unreadable ({why})")
@@ -44,7 +41,7 @@ def sweep_status(sweep_dir: str | Path) -> tuple[str, bool]:
         lines.append("  run the sweep again (`sae-scaling run SWEEP.yaml`) to set the broken files aside and train "
                      "those runs anew")
     progress = store.progress()
-    for rid in (r for r, s in state.items() if s == "running"):
+    for rid in (r for r, s in states.items() if s.status == "running"):
         p = progress.get(rid, {})
         lines.append(f"  {rid} running: {p.get('tokens', 0):,} / {p.get('total', 0):,} tokens")
     return "\n".join(lines), not broken

@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +39,16 @@ from sae_core.io import write_atomic, write_json_atomic, write_text_atomic
 DONE = ("ok", "diverged")
 ENDED = (*DONE, "stopped")  # stopped: by a search at a rung (orchestrator/search.py); its row stays as it is
 IMPORTED = "import-"  # run ids of SAEs added by `sae-scaling import`: never in a plan, always counted
+
+
+@dataclass(frozen=True)
+class RunState:
+    """One run as its files say: status is ok, diverged, stopped, failed, running, pending or broken (then
+    problems lists its unreadable files and why, and row is None)."""
+
+    status: str
+    row: dict | None = None
+    problems: tuple[tuple[Path, str], ...] = ()
 SAE_WEIGHTS, SAE_CONFIG = "sae.safetensors", "config.json"
 
 # Types of the runs table's fixed columns, so a column that is null in one run is still typed.
@@ -300,6 +311,26 @@ class ResultsStore:
         """run_id -> row, for those of run_ids that have one."""
         paths = (self.path("runs", rid) for rid in run_ids)
         return {p.stem: _read_row(p) for p in paths if p.is_file()}
+
+    def states(self, run_ids) -> dict[str, RunState]:
+        """run_id -> what the store says of it, for `status` and a dry run alike. A live lock makes a run
+        running even over an old row (a stopped or failed run being trained again); a finished row wins."""
+        ids = list(run_ids)
+        broken = self.broken(ids)
+        rows = self.rows_of(rid for rid in ids if rid not in broken)
+        running = self.running()
+        out = {}
+        for rid in ids:
+            row = rows.get(rid)
+            if rid in broken:
+                out[rid] = RunState("broken", None, tuple(broken[rid]))
+            elif row is not None and row["status"] in DONE:
+                out[rid] = RunState(row["status"], row)
+            elif rid in running:
+                out[rid] = RunState("running", row)
+            else:
+                out[rid] = RunState(row["status"] if row is not None else "pending", row)
+        return out
 
     def done(self, run_ids) -> set[str]:
         """Those of run_ids whose row says ok or diverged."""

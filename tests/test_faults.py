@@ -256,6 +256,34 @@ def test_failure_reasons_print_as_text(capsys, copy):
     assert f"{row_file.stem} failed: ValueError: bad thing" in out and "['" not in out, out
 
 
+def test_status_and_the_dry_run_read_each_run_alike(capsys, copy):
+    """One derivation serves both: a failed row, a run whose lock a live process holds, and one never trained."""
+    path, results, sweep_dir = copy
+    from orchestrator.store import RUN_SCHEMA, read_parquet, write_parquet_atomic
+
+    failed, pending = sorted(p.stem for p in (sweep_dir / "runs").glob("*.parquet"))
+    row_file = sweep_dir / "runs" / f"{failed}.parquet"
+    row = read_parquet(row_file).to_pylist()[0]
+    write_parquet_atomic(row_file, [{**row, "status": "failed", "error": "ValueError: bad thing"}], RUN_SCHEMA)
+    (sweep_dir / "runs" / f"{pending}.parquet").unlink()
+
+    def dry_run_states() -> dict[str, str]:
+        rc, out, _ = cli(capsys, "run", path, "--dry-run", "--results", results)
+        assert rc == 0, out
+        return {line.split()[0]: line.split("  ")[-1] for line in out.splitlines() if line[:16].strip() in
+                (failed, pending)}
+
+    with ResultsStore.at(sweep_dir).lock(pending) as mine:
+        assert mine
+        rc, out, _ = cli(capsys, "status", sweep_dir)
+        assert "0 ok" in out and "1 running" in out and "1 failed" in out and "0 pending" in out, out
+        assert dry_run_states() == {failed: "failed: ValueError: bad thing", pending: "running"}
+    rc, out, _ = cli(capsys, "status", sweep_dir)
+    assert "0 running" in out and "1 pending" in out, out
+    states = dry_run_states()
+    assert states[failed] == "failed: ValueError: bad thing" and states[pending].startswith("pending: "), states
+
+
 # --- submit ---------------------------------------------------------------------------------------------------------
 def test_submit_stages_no_dotfiles(tmp_path):
     root = tmp_path / "repo"
