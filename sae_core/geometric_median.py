@@ -9,15 +9,27 @@ import torch
 
 
 def geometric_median(points: torch.Tensor, max_iter: int = 500, tol: float = 1e-9) -> torch.Tensor:
-    """Weiszfeld iterations in float64 from the mean until the step is below tol (relative)."""
+    """Weiszfeld iterations in float64 from the mean until the step is below tol times the points' RMS distance
+    from their mean (relative to their spread: relative to the estimate's norm, a large common offset would
+    stop it early).
+
+    Each iteration is two mat-vecs over the points: the distances from ||q||^2 - 2 q.y + ||y||^2 and the
+    weighted sum w^T q, instead of two element-wise passes writing [N, d] temporaries (4x faster at
+    32768 x 384 here). q are the points less their mean, so the cancellation in that expansion is relative to
+    the points' spread, not to their common offset (large in a residual stream)."""
     p = points.to(torch.float64)
-    y = p.mean(dim=0)
+    mean = p.mean(dim=0)
+    q = p - mean
+    sq = torch.linalg.vector_norm(q, dim=1).square_()
+    y = torch.zeros_like(mean)  # relative to the mean
+    step_tol = tol * float(sq.mean().sqrt())
     for _ in range(max_iter):
+        dist = (sq - 2 * (q @ y) + y.dot(y)).clamp_min_(0).sqrt_()
         # A point coinciding with the estimate would get infinite weight; the floor keeps it finite.
-        w = 1.0 / (p - y).norm(dim=1).clamp_min(1e-12)
-        y_next = (w[:, None] * p).sum(dim=0) / w.sum()
-        done = (y_next - y).norm() <= tol * max(1.0, float(y.norm()))
+        w = dist.clamp_min_(1e-12).reciprocal_()
+        y_next = (w @ q) / w.sum()
+        done = float((y_next - y).norm()) <= step_tol
         y = y_next
         if done:
             break
-    return y.to(points.dtype)
+    return (y + mean).to(points.dtype)

@@ -6,7 +6,7 @@ import torch
 from scipy.optimize import nnls as scipy_nnls
 
 from sae_core.evaluation.reconstruction import evaluate
-from sae_core.evaluation.refinement import refine
+from sae_core.evaluation.refinement import nnls, refine
 from sae_core.sae import SAE
 
 FAMILIES = {"topk": {"k": 6}, "batchtopk": {"k": 6}, "relu": {}, "gated": {}, "jumprelu": {}, "prolu": {},
@@ -99,6 +99,25 @@ def test_matches_a_float64_scipy_reference(arch):
         np.testing.assert_allclose(res.refined[i][res.active[i]].numpy(), expect, atol=1e-4)
         checked += 1
     assert checked > 30
+
+
+def test_nnls_matches_scipy_where_most_of_the_start_must_leave_the_free_set():
+    """An L1 code's case: every latent starts free and the unconstrained solve puts many below 0, so rows take
+    the clipped step (all of them fixed at once) as well as Lawson and Hanson's one-at-a-time step."""
+    g = torch.Generator().manual_seed(0)
+    r, m, d = 40, 64, 96
+    D = torch.randn(r, m, d, generator=g, dtype=torch.float64)
+    t = torch.randn(r, d, generator=g, dtype=torch.float64)  # not a nonnegative code's: about half go below 0
+    mask = torch.rand(r, m, generator=g) < 0.9
+    z0 = torch.rand(r, m, generator=g, dtype=torch.float64) * mask
+    G, c = D @ D.transpose(1, 2), (D @ t.unsqueeze(-1)).squeeze(-1)
+    unconstrained = torch.linalg.solve(G[0][mask[0]][:, mask[0]], c[0][mask[0]])
+    assert (unconstrained < 0).sum() > 10
+    got = nnls(G, c, z0, mask)
+    for i in range(r):
+        expect, _ = scipy_nnls(D[i][mask[i]].T.numpy(), t[i].numpy())
+        np.testing.assert_allclose(got[i][mask[i]].numpy(), expect, atol=1e-9)
+        assert (got[i][~mask[i]] == 0).all()
 
 
 # ---------------------------------------------------------------- integration: runs columns and the figure

@@ -62,6 +62,24 @@ def test_geometric_median_matches_direct_minimisation():
     assert np.abs(pts.mean(0) - ref).max() > 0.1  # the test would notice a plain mean
 
 
+def test_geometric_median_far_from_the_origin_matches_weiszfeld_on_explicit_distances():
+    """Vectors that share an offset far larger than their spread (a residual stream's is large): neither the
+    mat-vec distances nor the stopping rule may lose the spread to the offset."""
+    rng = np.random.default_rng(1)
+    noise = rng.standard_t(df=3, size=(4000, 64))
+    noise[:40] *= 30.0  # outliers drag the mean, not the median
+    offset = rng.normal(scale=1e7, size=64)
+    y = noise.mean(0)  # the float64 reference: Weiszfeld on explicit differences, without the offset
+    for _ in range(5000):
+        w = 1.0 / np.linalg.norm(noise - y, axis=1)
+        y, prev = (w[:, None] * noise).sum(0) / w.sum(), y
+        if np.linalg.norm(y - prev) < 1e-14:
+            break
+    got = geometric_median(torch.from_numpy(noise + offset)).numpy() - offset
+    assert np.abs(got - y).max() < 1e-5
+    assert np.abs(noise.mean(0) - y).max() > 0.1  # the test would notice a plain mean
+
+
 def test_auxk_revives_dead_latents():
     """More true features than latents and a short dead window: latents die early, AuxK brings them back."""
     src = SyntheticSource(d_in=32, n_features=1024, active_per_vector=4, seed=1, n_eval=1024)
