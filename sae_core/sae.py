@@ -14,6 +14,9 @@ from torch import nn
 
 from sae_core import formats
 from sae_core.architectures import Architecture, Code, SAEConfig, SparseCode, build_architecture, parse_sae_config
+from sae_core.architectures.entry_code import EntryCode
+from sae_core.kernels.dense_code import entries_above
+from sae_core.kernels.topk_select import row_topk
 from sae_core.normalization import TokenStats, denormalize, normalize
 from sae_core.parallel.mesh import TRIVIAL, Mesh
 from sae_core.sae_files import load_state, write_folder
@@ -52,14 +55,13 @@ class SAE(nn.Module):
                     threshold: float | None = None) -> tuple[Code, TokenStats | None]:
         """Swap the activation at test time (Gao et al. 5.3): TopK(k) or JumpReLU(threshold) applied to the
         family's pre-activations, whatever it was trained with. Exactly one of k, threshold."""
-        if (k is None) == (threshold is None):
-            raise ValueError("give exactly one of k, threshold")
+        h, stats = self.preactivations(x)
+        return apply_test_time_activation(h, k=k, threshold=threshold), stats
+
+    def preactivations(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenStats | None]:
+        """The dense [B, n] values the family's activation acts on, and the per-token stats of x."""
         xn, stats = self.normalize(x.to(self.net.W_dec.dtype))
-        h = self.net.preactivation(xn)
-        if k is not None:
-            vals, idx = h.topk(k, dim=-1)
-            return SparseCode(idx, vals.relu()), stats
-        return h * (h > threshold), stats
+        return self.net.preactivation(xn), stats
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         code, stats = self.encode_code(x)
@@ -79,3 +81,19 @@ class SAE(nn.Module):
         sae = cls(contents.config, meta=contents.meta, init_seed=None)
         load_state(sae.net, contents)
         return sae.to(device)
+
+
+def apply_test_time_activation(h: torch.Tensor, *, k: int | None = None, threshold: float | None = None,
+                               entries: bool = False) -> Code:
+    """TopK(k) or JumpReLU(threshold) of pre-activations h (`SAE.encode_with`). Exactly one of k, threshold.
+    entries: JumpReLU's code as its active entries (EntryCode) where few enough pass to pay (an evaluation's
+    use: decoded and counted over them), else [B, n] as always."""
+    if (k is None) == (threshold is None):
+        raise ValueError("give exactly one of k, threshold")
+    if k is not None:
+        vals, idx = row_topk(h, k)
+        return SparseCode(idx, vals.relu())
+    if entries and (found := entries_above(h, torch.tensor(threshold, dtype=h.dtype))) is not None:
+        rows, latents = found
+        return EntryCode(rows, latents, h[rows, latents], h.shape[0])
+    return h * (h > threshold)

@@ -40,6 +40,94 @@ class Evaluation:
     mean_sq_activation: torch.Tensor  # [n_latents]: E[z_i^2] over all the vectors (Gao et al. 2024, App. E.4)
 
 
+class _Totals:
+    """One encoder's running sums over the batches of x; per-latent sums only when `latents` (the recovery grid
+    needs its points' scalars alone, and n-sized sums per point would add up at 2^20 latents)."""
+
+    def __init__(self, sae: SAE, layers: _Layers | None, latents: bool):
+        device = sae.net.W_dec.device
+        self.sq_err = self.l1 = self.nonzero = 0.0
+        self.layer_err = None if layers is None else torch.zeros(layers.count, dtype=torch.float64, device=device)
+        self.latent_sums = torch.zeros(3, sae.net.n_local, dtype=torch.float64, device=device) if latents else None
+
+    def add(self, xb: torch.Tensor, code: Code, x_hat: torch.Tensor, gb: torch.Tensor | None) -> None:
+        err = (xb - x_hat).double().pow(2)
+        self.sq_err += float(err.sum())
+        if gb is not None:
+            self.layer_err.index_add_(0, gb, err.sum(dim=1))
+        vals = code if isinstance(code, torch.Tensor) else code.vals  # never densify a sparse code
+        self.l1 += float(vals.abs().sum(dtype=torch.float64))
+        self.nonzero += float(torch.count_nonzero(vals))
+        if self.latent_sums is None:
+            return
+        counts, sums, sq_sums = self.latent_sums
+        if not isinstance(code, torch.Tensor):
+            active = code.vals != 0
+            latents = code.idx if isinstance(code, SparseCode) else code.latents
+            idx, v = latents[active], code.vals[active].double()
+            counts.index_add_(0, idx, torch.ones_like(v))
+            sums.index_add_(0, idx, v)
+            sq_sums.index_add_(0, idx, v.pow(2))
+        else:
+            counts += (code != 0).sum(dim=0)
+            sums += code.double().sum(dim=0)
+            sq_sums += code.double().pow(2).sum(dim=0)
+
+
+class _Layers:
+    """A multi-layer SAE's vectors grouped by layer: each layer's own mean and variance (module docstring)."""
+
+    def __init__(self, x: torch.Tensor, layer_ids: torch.Tensor, device: torch.device):
+        if layer_ids.shape != (x.shape[0],):
+            raise ValueError(f"layer_ids: one per row of x ({x.shape[0]}), got shape {tuple(layer_ids.shape)}")
+        layers, group = torch.unique(layer_ids.cpu(), return_inverse=True)
+        self.count = len(layers)
+        self.n = torch.bincount(group, minlength=self.count).to(torch.float64)
+        self.mean = torch.stack([x[group == i].to(torch.float64).mean(dim=0) for i in range(self.count)]).to(device)
+        self.group = group.to(device)
+        self.var = torch.zeros(self.count, dtype=torch.float64, device=device)
+
+
+def _passes(sae: SAE, x: torch.Tensor, encoders: list[Callable], batch_size: int, layer_ids: torch.Tensor | None,
+            latents: bool) -> tuple[list[_Totals], float, _Layers | None]:
+    """Every encoder over each batch before the next batch: encoders that share work per batch (the recovery
+    grid's pre-activations, recovery.py) do it once. Returns their totals, the total variance and the layers."""
+    device = sae.net.W_dec.device
+    mean = x.to(torch.float64).mean(dim=0).to(device)
+    layers = None if layer_ids is None else _Layers(x, layer_ids, device)
+    totals = [_Totals(sae, layers, latents) for _ in encoders]
+    total_var = 0.0
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size].to(device)
+        total_var += float((xb.double() - mean).pow(2).sum())
+        gb = None
+        if layers is not None:
+            gb = layers.group[start:start + batch_size]
+            layers.var.index_add_(0, gb, (xb.double() - layers.mean[gb]).pow(2).sum(dim=1))
+        for encode, tot in zip(encoders, totals):
+            code, stats = encode(xb)
+            tot.add(xb, code, sae.decode(code, stats), gb)
+    return totals, total_var, layers
+
+
+def _scalars(sae: SAE, tot: _Totals, total_var: float, layers: _Layers | None, N: int, d: int) -> dict[str, float]:
+    mesh = sae.net.mesh
+    l1, nonzero = (float(v) for v in mesh.reduce_(torch.tensor([tot.l1, tot.nonzero], dtype=torch.float64),
+                                                  "shards"))
+    metrics = {
+        "nmse": tot.sq_err / total_var if total_var > 0 else float("nan"),
+        "mse": tot.sq_err / (N * d),
+        "l0": nonzero / N,
+        "l1": l1 / N,
+    }
+    if layers is not None:
+        layer_nmse = torch.where(layers.var > 0, tot.layer_err / layers.var, torch.full_like(layers.var, float("nan")))
+        metrics["nmse_pooled"], metrics["mse_pooled"] = metrics["nmse"], metrics["mse"]
+        metrics["nmse"] = float(layer_nmse.mean())
+        metrics["mse"] = float((tot.layer_err.cpu() / (layers.n * d)).mean())
+    return metrics
+
+
 @torch.no_grad()
 def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096,
              encode: Callable[[torch.Tensor], tuple[Code, TokenStats | None]] | None = None,
@@ -48,63 +136,22 @@ def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096,
     layer_ids: the layer of each row of x for a multi-layer SAE: nmse and mse become the mean over layers of
     each layer's, the pooled figures nmse_pooled and mse_pooled (module docstring).
     A sharded SAE is evaluated by all its shards together; each gets the whole evaluation."""
-    encode = encode or sae.encode_code
-    device, mesh = sae.net.W_dec.device, sae.net.mesh
-    n = sae.net.n_local
-    mean = x.to(torch.float64).mean(dim=0).to(device)
-    sq_err = total_var = l1 = 0.0
-    counts = torch.zeros(n, dtype=torch.float64, device=device)
-    sums = torch.zeros(n, dtype=torch.float64, device=device)
-    sq_sums = torch.zeros(n, dtype=torch.float64, device=device)
-    if layer_ids is not None:
-        if layer_ids.shape != (x.shape[0],):
-            raise ValueError(f"layer_ids: one per row of x ({x.shape[0]}), got shape {tuple(layer_ids.shape)}")
-        layers, group = torch.unique(layer_ids.cpu(), return_inverse=True)
-        layer_n = torch.bincount(group, minlength=len(layers)).to(torch.float64)
-        layer_mean = torch.stack([x[group == i].to(torch.float64).mean(dim=0) for i in range(len(layers))])
-        layer_mean, group = layer_mean.to(device), group.to(device)
-        layer_err = torch.zeros(len(layers), dtype=torch.float64, device=device)
-        layer_var = torch.zeros(len(layers), dtype=torch.float64, device=device)
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start:start + batch_size].to(device)
-        code, stats = encode(xb)
-        x_hat = sae.decode(code, stats)
-        err = (xb - x_hat).double().pow(2)
-        sq_err += float(err.sum())
-        total_var += float((xb.double() - mean).pow(2).sum())
-        if layer_ids is not None:
-            gb = group[start:start + batch_size]
-            layer_err.index_add_(0, gb, err.sum(dim=1))
-            layer_var.index_add_(0, gb, (xb.double() - layer_mean[gb]).pow(2).sum(dim=1))
-        if isinstance(code, SparseCode):  # never densify a sparse code
-            active = code.vals != 0
-            counts.index_add_(0, code.idx[active], torch.ones_like(code.vals[active], dtype=torch.float64))
-            sums.index_add_(0, code.idx[active], code.vals[active].double())
-            sq_sums.index_add_(0, code.idx[active], code.vals[active].double().pow(2))
-            l1 += float(code.vals.abs().double().sum())
-        else:
-            counts += (code != 0).sum(dim=0)
-            sums += code.double().sum(dim=0)
-            sq_sums += code.double().pow(2).sum(dim=0)
-            l1 += float(code.abs().double().sum())
+    (tot,), total_var, layers = _passes(sae, x, [encode or sae.encode_code], batch_size, layer_ids, latents=True)
     N, d = x.shape
-    counts, sums, sq_sums = (mesh.gather(t, dim=0) for t in (counts, sums, sq_sums))
-    l1 = float(mesh.reduce_(torch.tensor([l1], dtype=torch.float64), "shards"))
-    metrics = {
-        "nmse": sq_err / total_var if total_var > 0 else float("nan"),
-        "mse": sq_err / (N * d),
-        "l0": float(counts.sum()) / N,
-        "l1": l1 / N,
-        "dead_frac_eval": float((counts == 0).double().mean()),
-        **dense_latents(counts / N, sae.cfg.d_in),  # a multi-layer SAE's: of its pooled vectors (docstring)
-    }
-    if layer_ids is not None:
-        layer_nmse = torch.where(layer_var > 0, layer_err / layer_var, torch.full_like(layer_var, float("nan")))
-        metrics["nmse_pooled"], metrics["mse_pooled"] = metrics["nmse"], metrics["mse"]
-        metrics["nmse"] = float(layer_nmse.mean())
-        metrics["mse"] = float((layer_err.cpu() / (layer_n * d)).mean())
+    counts, sums, sq_sums = (sae.net.mesh.gather(t, dim=0) for t in tot.latent_sums)
+    metrics = _scalars(sae, tot, total_var, layers, N, d)
+    metrics = {**metrics, "dead_frac_eval": float((counts == 0).double().mean()),
+               **dense_latents(counts / N, sae.cfg.d_in)}  # a multi-layer SAE's: of its pooled vectors (docstring)
     return Evaluation(metrics, (counts / N).float().cpu(), (sums / counts.clamp_min(1)).float().cpu(),
                       (sq_sums / N).float().cpu())
+
+
+@torch.no_grad()
+def evaluate_scalars(sae: SAE, x: torch.Tensor, encoders: list[Callable], batch_size: int = 4096,
+                     layer_ids: torch.Tensor | None = None) -> list[dict[str, float]]:
+    """nmse, mse, l0 and l1 (and the pooled figures, as `evaluate`) of each encoder, in one pass over x."""
+    totals, total_var, layers = _passes(sae, x, encoders, batch_size, layer_ids, latents=False)
+    return [_scalars(sae, tot, total_var, layers, *x.shape) for tot in totals]
 
 
 def dense_latents(density: torch.Tensor, d_in: int) -> dict[str, float]:

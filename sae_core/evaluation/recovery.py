@@ -12,7 +12,8 @@ from functools import partial
 
 import torch
 
-from sae_core.sae import SAE
+from sae_core.evaluation.reconstruction import evaluate_scalars
+from sae_core.sae import SAE, apply_test_time_activation
 
 _THRESHOLD_SAMPLE = 1024  # held-out vectors used to place the default thresholds
 
@@ -30,7 +31,7 @@ def k_grid(sae: SAE, l0: float) -> list[int]:
 @torch.no_grad()
 def threshold_grid(sae: SAE, x: torch.Tensor, ks: list[int]) -> list[float]:
     xs = x[:_THRESHOLD_SAMPLE].to(sae.net.W_dec.device)
-    h = sae.net.preactivation(sae.normalize(xs.to(sae.net.W_dec.dtype))[0])
+    h, _ = sae.preactivations(xs)
     kth = h.topk(max(ks), dim=-1).values.clamp_min(0)  # [N, max k], descending
     return sorted({float(kth[:, k - 1].mean()) for k in ks}, reverse=True)
 
@@ -40,3 +41,33 @@ def points(sae: SAE, ks: list[int], thresholds: list[float]) -> list[tuple[dict,
     return ([({"activation": "topk", "k": k, "threshold": None}, partial(sae.encode_with, k=k)) for k in ks]
             + [({"activation": "jumprelu", "k": None, "threshold": t}, partial(sae.encode_with, threshold=t))
                for t in thresholds])
+
+
+class _LastBatch:
+    """The SAE's pre-activations of the batch last asked for. evaluate_scalars passes every grid point over a
+    batch before the next batch, so the grid's encoders share one encoder pass per batch instead of one per
+    point. The batch is held, so `is` cannot match another tensor at a reused address."""
+
+    def __init__(self, sae: SAE):
+        self.sae, self.x, self.version, self.value = sae, None, None, None
+
+    def __call__(self, x: torch.Tensor):
+        if x is not self.x or x._version != self.version:
+            self.value = None  # freed before the next batch's are computed
+            self.value = self.sae.preactivations(x)
+            self.x, self.version = x, x._version
+        return self.value
+
+
+def evaluate_points(sae: SAE, x: torch.Tensor, keys: list[dict], batch_size: int,
+                    layer_ids: torch.Tensor | None = None) -> list[dict[str, float]]:
+    """nmse, mse, l0, l1 of each grid point (`points`' row keys) over x, as `evaluate` computes them."""
+    shared = _LastBatch(sae)
+
+    def encoder(point: dict):
+        def encode(xb):
+            h, stats = shared(xb)
+            return apply_test_time_activation(h, k=point["k"], threshold=point["threshold"], entries=True), stats
+        return encode
+
+    return evaluate_scalars(sae, x, [encoder(p) for p in keys], batch_size, layer_ids)

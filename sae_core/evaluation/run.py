@@ -158,8 +158,8 @@ def evaluate_run(sae: SAE, eval_x: torch.Tensor, cfg: EvalConfig, layers: list[i
             per_layer.append({"layer": layer, **{k: rec[k] for k in ("nmse", "mse", "l0", "l1")}, **down})
 
     table = []
-    for i, (keys, encode) in enumerate(grid):
-        rec = evaluate(sae, eval_x, batch_size, encode=encode, layer_ids=layer_ids).metrics  # as the runs row
+    scalars = recovery.evaluate_points(sae, eval_x, [keys for keys, _ in grid], batch_size, layer_ids)  # as the row
+    for i, ((keys, _), rec) in enumerate(zip(grid, scalars)):
         row = {**keys, "l0": rec["l0"], "nmse": rec["nmse"], "mse": rec["mse"],
                "downstream_loss": None, "downstream_kl": None}
         if ("recovery", i, layers[0] if layers else None) in spliced:
