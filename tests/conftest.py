@@ -1,9 +1,13 @@
 import os
+import shutil
 import tempfile
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# token rows, the embedded corpus and activation caches go to a fresh folder, never the user's home cache
-os.environ.setdefault("SAE_SCALING_CACHE", tempfile.mkdtemp(prefix="sae-scaling-test-cache-"))  # tests never reach a hub: everything loads from disk
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub: everything loads from disk
+# token rows, the embedded corpus and activation caches go to a fresh folder, never the user's home cache;
+# removed when the session ends (one the caller names is the caller's, and kept)
+OWN_CACHE = None
+if "SAE_SCALING_CACHE" not in os.environ:
+    OWN_CACHE = os.environ["SAE_SCALING_CACHE"] = tempfile.mkdtemp(prefix="sae-scaling-test-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray (orchestration tests): set before anything imports ray. No telemetry, no token file, loopback only.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -18,6 +22,11 @@ torch.set_num_threads(2)
 # what makes a test slow: a Ray cluster, gloo process groups, the quickstart sweep (`make test-fast` skips them)
 SLOW_FIXTURES = {"ray_local", "_ray_local_session", "cluster"}
 SLOW_MODULES = {"test_quickstart", "test_sharded", "test_sharded_sweep", "test_orchestration_cluster"}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if OWN_CACHE is not None:
+        shutil.rmtree(OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
