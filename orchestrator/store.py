@@ -39,16 +39,6 @@ from sae_core.io import write_atomic, write_json_atomic, write_text_atomic
 DONE = ("ok", "diverged")
 ENDED = (*DONE, "stopped")  # stopped: by a search at a rung (orchestrator/search.py); its row stays as it is
 IMPORTED = "import-"  # run ids of SAEs added by `sae-scaling import`: never in a plan, always counted
-
-
-@dataclass(frozen=True)
-class RunState:
-    """One run as its files say: status is ok, diverged, stopped, failed, running, pending or broken (then
-    problems lists its unreadable files and why, and row is None)."""
-
-    status: str
-    row: dict | None = None
-    problems: tuple[tuple[Path, str], ...] = ()
 SAE_WEIGHTS, SAE_CONFIG = "sae.safetensors", "config.json"
 
 # Types of the runs table's fixed columns, so a column that is null in one run is still typed.
@@ -161,6 +151,16 @@ def _ray_node_id() -> str | None:
         return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
     except Exception:  # a half-started or shutting-down Ray: the id is informative only
         return None
+
+
+@dataclass(frozen=True)
+class RunState:
+    """One run as its files say: status is ok, diverged, stopped, failed, running, pending or broken (then
+    problems lists its unreadable files and why, and row is None)."""
+
+    status: str
+    row: dict | None = None
+    problems: tuple[tuple[Path, str], ...] = ()
 
 
 class ResultsStore:
