@@ -12,6 +12,7 @@ import argparse
 from functools import partial
 from pathlib import Path
 
+import pandas as pd
 import torch
 from timing import best_of  # bench/timing.py
 
@@ -40,15 +41,15 @@ def main() -> None:
     runs = load_runs(sweep_dir)
     runs = runs[runs.status == "ok"].sort_values(["arch", "n_latents", "k", "l1_coeff"])
     data = ActivationData(spec.model, spec.hook, spec.data).prepare()
-    sources = {}
+    eval_sets = {}
     print(f"sweep {spec.name}: {len(runs)} runs, {spec.data.eval_tokens} held-out vectors\n")
     print("| run | arch | n | k / l1 | L0 | grid points | grid, point by point s | grid, one pass s | speed-up "
           "| refinement s |\n|---|---|---|---|---|---|---|---|---|---|")
     for run in runs.itertuples():
-        layer = None if run.layer is None or run.layer != run.layer else int(run.layer)
-        if layer not in sources:
-            sources[layer] = data.source(layer, seed=spec.data_seed).eval_set()
-        x = sources[layer]
+        layer = None if pd.isna(run.layer) else int(run.layer)
+        if layer not in eval_sets:
+            eval_sets[layer] = data.source(layer, seed=spec.data_seed).eval_set()
+        x = eval_sets[layer]
         sae = SAE.load(sweep_dir / "saes" / run.run_id)
         ks = recovery.k_grid(sae, run.l0)
         grid = recovery.points(sae, ks, recovery.threshold_grid(sae, x, ks))
